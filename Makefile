@@ -1,0 +1,37 @@
+# Everything runs inside a local virtual environment; `make demo` and `make test` set it up.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.prtool-installed
+# The torch build to install; override for another platform, e.g. TORCH_SPEC="torch torchvision".
+TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
+
+.PHONY: install test test-fast demo bench lint clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q $(TORCH_SPEC)
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+test: install
+	$(PY) -m pytest -q
+
+test-fast: install
+	$(PY) -m pytest -q -m "not slow"
+
+demo: install
+	$(VENV)/bin/prtool demo --out runs/demo
+
+bench: install
+	$(VENV)/bin/prtool demo --out runs/bench-demo --json > /dev/null
+	@echo "see benchmarks/README.md; runs/bench-demo/report.md holds the demo's latency ratio"
+
+lint: install
+	$(VENV)/bin/ruff check prtool tests
+
+clean:
+	rm -rf runs .pytest_cache build *.egg-info prtool.egg-info

@@ -1,0 +1,3 @@
+from prtool.cli.app import main
+
+main()

@@ -1,0 +1,1 @@
+"""The ``prtool`` command line: one small file assembles the app, one file per command group."""

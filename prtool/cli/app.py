@@ -1,0 +1,37 @@
+"""The ``prtool`` app. Commands import their heavy dependencies lazily, so ``--help`` is instant
+and never needs onnxruntime-gpu, TensorRT or the network."""
+
+from __future__ import annotations
+
+import sys
+
+import typer
+
+from prtool.cli import demo_cmd, env_cmd, eval_cmd, export_cmd, testbed_cmd
+from prtool.errors import PrtoolError
+
+app = typer.Typer(
+    name="prtool",
+    help="Patch Ranking token pruning for CLIP: rank patches, train the predictor, export fixed-k ONNX, benchmark.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+app.command("export")(export_cmd.export)
+app.command("inspect")(export_cmd.inspect)
+app.command("eval")(eval_cmd.eval_)
+app.command("env")(env_cmd.env)
+app.command("demo")(demo_cmd.demo)
+app.add_typer(testbed_cmd.app, name="testbed")
+
+
+def main() -> None:
+    try:
+        app()
+    except PrtoolError as exc:
+        print(f"prtool: error: {exc}", file=sys.stderr)
+        sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        print("prtool: interrupted", file=sys.stderr)
+        sys.exit(130)

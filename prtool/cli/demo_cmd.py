@@ -1,0 +1,33 @@
+"""``prtool demo``: the main job on the embedded testbed (what `make demo` runs)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from prtool.cli import options as o
+from prtool.cli.common import emit, setup, table
+
+
+def demo(
+    out: Annotated[Path, typer.Option("--out", "-o", help="Report folder.")] = Path("runs/demo"),
+    limit: o.Limit = None,
+    as_json: o.Json = False,
+    quiet: o.Quiet = False,
+    verbose: o.Verbose = False,
+):
+    """Export unpruned + pruned testbed encoders, validate, score in onnxruntime, time, report."""
+    setup(quiet, verbose)
+    from prtool.demo import SUMMARY_COLUMNS, run_demo, summary_rows
+
+    report = run_demo(out, limit=limit)
+
+    def human(r):
+        lat = r["latency"]
+        table(f"prtool demo: testbed, {r['eval_images']} eval images, onnxruntime CPU", SUMMARY_COLUMNS, summary_rows(r))
+        print(f"speedup {lat['speedup_p50']:.2f}x at batch {lat['batch']} (ideal FLOP ratio {lat['ideal_flop_speedup']:.2f}x, "
+              f"measured/ideal {lat['measured_over_ideal']:.2f}); report in {out}/report.md, pictures in {r['pictures']}")
+
+    emit(report, as_json, human)

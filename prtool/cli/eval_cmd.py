@@ -1,0 +1,52 @@
+"""``prtool eval``: zero-shot accuracy, unpruned or pruned, in PyTorch or from an ONNX export."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from prtool.cli import options as o
+from prtool.cli.common import emit, setup, table
+
+
+def eval_(
+    model: o.Model = "testbed",
+    pretrained: o.Pretrained = None,
+    data: o.Data = "testbed",
+    split: o.Split = "test",
+    image_root: o.ImageRoot = None,
+    templates: Annotated[Optional[Path], typer.Option("--templates", help="JSON prompt templates (a list, or {dataset: list}).")] = None,
+    schedule: o.Schedule = None,
+    keep_ratio: o.KeepRatio = None,
+    stages: o.Stages = 1,
+    first_block: o.FirstBlock = None,
+    scorer: o.Scorer = "predictor",
+    predictor: o.PredictorPath = None,
+    seed: o.Seed = 0,
+    onnx: Annotated[Optional[Path], typer.Option("--onnx", help="Score this exported ONNX file (onnxruntime CPU) instead of PyTorch.")] = None,
+    limit: o.Limit = None,
+    skip_bad: Annotated[bool, typer.Option("--skip-bad", help="Skip unreadable images (recorded in the result).")] = False,
+    batch_size: o.BatchSize = 64,
+    as_json: o.Json = False,
+    quiet: o.Quiet = False,
+    verbose: o.Verbose = False,
+):
+    """Zero-shot top-1/top-5 of a model on a dataset."""
+    setup(quiet, verbose)
+    from prtool.build import EncoderSpec, schedule_for
+    from prtool.datasets import load_dataset
+    from prtool.evaluate import evaluate_zero_shot
+    from prtool.models import load_clip
+
+    loaded = load_clip(model, pretrained if pretrained is not None else ("default" if model == "testbed" else "none"))
+    dataset = load_dataset(data, split, image_root, templates).limit(limit)
+    spec = EncoderSpec(schedule_for(loaded, schedule, keep_ratio, stages, first_block), scorer, predictor, seed=seed)
+    result = evaluate_zero_shot(loaded, dataset, spec, onnx_path=onnx, batch_size=batch_size, skip_bad=skip_bad)
+    result["model"] = loaded.model_id
+    emit(result, as_json, lambda r: table(
+        f"zero-shot on {r['dataset']}/{r['split']} ({r['images']} images, {r['backend']})",
+        ["schedule", "scorer", "top1", "top5", "cos to unpruned", "top1 agreement"],
+        [(r["schedule"], r["scorer"], r["top1"], r.get("top5"), r.get("mean_cosine_to_reference"),
+          r.get("top1_agreement_with_reference"))]))

@@ -1,0 +1,149 @@
+"""The demo: the whole product on the embedded testbed, end to end, in a few minutes on 2 cores.
+
+Export the unpruned and the pruned testbed encoder (each validated against PyTorch), score both
+exports' zero-shot top-1 on the shipped eval images in onnxruntime, time them side by side, and
+write a report folder (JSON, markdown, pictures of kept patches).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from prtool.build import EncoderSpec, build_pruned_encoder, schedule_for
+from prtool.datasets import load_dataset
+from prtool.evaluate import evaluate_zero_shot, text_classifier
+from prtool.export import ExportOptions, export_onnx
+from prtool.flops import encoder_cost
+from prtool.manifest import write_json_atomic
+from prtool.models import load_clip
+from prtool.testbed import spec as tbspec
+from prtool.timing import interleaved_latency
+from prtool.validate import ort_session
+from prtool.visualize import save_rows, stage_panels
+
+log = logging.getLogger(__name__)
+
+DEMO_KEEP_RATIO, DEMO_STAGES = 0.6, 4
+
+
+def demo_scorer() -> tuple[str, Path | None]:
+    """The committed predictor when it exists, else CLS attention."""
+    if tbspec.PREDICTOR_PATH.exists():
+        return "predictor", tbspec.PREDICTOR_PATH
+    return "cls-attn", None
+
+
+def run_demo(out: Path, limit: int | None = None, latency_batch: int = 32, latency_iters: int = 20) -> dict:
+    t_start = time.perf_counter()
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    loaded = load_clip("testbed", "default")
+    schedule = schedule_for(loaded, keep_ratio=DEMO_KEEP_RATIO, stages=DEMO_STAGES)
+    scorer, predictor = demo_scorer()
+    specs = {"unpruned": EncoderSpec(schedule_for(loaded, "none")),
+             "pruned": EncoderSpec(schedule, scorer, predictor)}
+    log.info("exporting the unpruned and the pruned (%s, %s) testbed encoder", schedule.to_string(), scorer)
+    exports = {name: export_onnx(loaded, s, out / f"{name}.onnx", ExportOptions()) for name, s in specs.items()}
+
+    dataset = load_dataset("testbed", "test").limit(limit)
+    class_emb = text_classifier(loaded, dataset)
+    rows = {}
+    for name, s in specs.items():
+        log.info("zero-shot top-1 of %s.onnx on %d eval images (onnxruntime)", name, len(dataset))
+        acc = evaluate_zero_shot(loaded, dataset, s, onnx_path=exports[name].onnx_path, class_emb=class_emb)
+        enc, _ = build_pruned_encoder(loaded, s)
+        rows[name] = {"accuracy": acc, "cost": encoder_cost(enc), "validation_passed": exports[name].report.passed,
+                      "onnx": str(exports[name].onnx_path)}
+
+    log.info("timing both exports side by side (batch %d, %d interleaved iterations)", latency_batch, latency_iters)
+    pixels, _, _ = dataset.load(range(min(latency_batch, len(dataset))), loaded.preprocess)
+    feed = pixels.numpy().astype(np.float32)
+    sessions = {name: ort_session(e.onnx_path) for name, e in exports.items()}
+    lat = interleaved_latency({n: (lambda s=s: s.run(None, {"pixel_values": feed})) for n, s in sessions.items()},
+                              warmup=3, iters=latency_iters)
+    speedup = lat["unpruned"]["p50_ms"] / lat["pruned"]["p50_ms"]
+    ideal = rows["unpruned"]["cost"]["gmacs"] / rows["pruned"]["cost"]["gmacs"]
+
+    pictures = out / "kept_patches.png"
+    enc, _ = build_pruned_encoder(loaded, specs["pruned"], return_indices=True)
+    enc.return_indices = True
+    with torch.no_grad():
+        _, kept = enc(pixels[:8])
+        first = schedule.first_block
+        x = enc.tokens_before(pixels[:8], first)
+        order = torch.argsort(enc.scorer(x, enc.num_prefix, enc.transformer.resblocks[first]), dim=1,
+                              descending=True, stable=True)
+    canvases = dataset.arrays[[dataset.samples[i][0] for i in range(min(8, len(dataset)))]]
+    grid = loaded.visual.grid_size
+    save_rows([stage_panels(c, order[i].numpy(), list(schedule.keep), grid,
+                            titles=[f"block {b}: keep {k}" for b, k in zip(schedule.blocks, schedule.keep)])
+               for i, c in enumerate(canvases)], pictures)
+
+    report = {
+        "model": loaded.model_id,
+        "schedule": schedule.to_dict(),
+        "scorer": scorer,
+        "predictor": str(predictor) if predictor else None,
+        "eval_images": len(dataset),
+        "variants": rows,
+        "latency": {"backend": "onnxruntime CPU", "batch": latency_batch, "threads": torch.get_num_threads(),
+                    "results": lat, "speedup_p50": speedup, "ideal_flop_speedup": ideal,
+                    "measured_over_ideal": speedup / ideal},
+        "pictures": str(pictures),
+        "seconds": round(time.perf_counter() - t_start, 1),
+    }
+    write_json_atomic(out / "report.json", report)
+    (out / "report.md").write_text(render_markdown(report))
+    return report
+
+
+def summary_rows(report: dict) -> list[tuple]:
+    lat = report["latency"]["results"]
+    rows = []
+    for name, v in report["variants"].items():
+        a = v["accuracy"]
+        rows.append((name, report["schedule"]["string"] if name == "pruned" else "none",
+                     v["cost"]["tokens_per_block"][-1], round(v["cost"]["gflops"], 3), round(a["top1"], 2),
+                     round(a.get("top5", float("nan")), 2), a.get("mean_cosine_to_reference"),
+                     round(lat[name]["p50_ms"], 2), v["validation_passed"]))
+    return rows
+
+
+SUMMARY_COLUMNS = ["variant", "schedule", "tokens in last block", "GFLOPs", "top-1 %", "top-5 %",
+                   "cos to unpruned", "p50 ms", "export validated"]
+
+
+def render_markdown(report: dict) -> str:
+    lat = report["latency"]
+    lines = [
+        "# prtool demo report",
+        "",
+        f"Model: testbed ({report['model']['pretrained']}); schedule `{report['schedule']['string']}` "
+        f"(keep {report['schedule']['final_keep']}/{report['schedule']['num_patches']} patches, scorer {report['scorer']}); "
+        f"{report['eval_images']} shipped eval images; accuracy from the ONNX exports in onnxruntime.",
+        "",
+        "| " + " | ".join(SUMMARY_COLUMNS) + " |",
+        "|" + "---|" * len(SUMMARY_COLUMNS),
+    ]
+    for r in summary_rows(report):
+        lines.append("| " + " | ".join("-" if v is None else (f"{v:.4f}" if isinstance(v, float) and v < 1.0001 and v > 0.5 else str(v)) for v in r) + " |")
+    lines += [
+        "",
+        f"Latency ({lat['backend']}, batch {lat['batch']}, {lat['threads']} threads, interleaved): "
+        f"speedup {lat['speedup_p50']:.2f}x vs ideal FLOP ratio {lat['ideal_flop_speedup']:.2f}x "
+        f"(measured/ideal {lat['measured_over_ideal']:.2f}). Absolute times on shared CPUs are noisy; quote the ratio.",
+        "",
+        "![kept patches](kept_patches.png)",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def dump(report: dict) -> str:
+    return json.dumps(report, indent=2, default=str)

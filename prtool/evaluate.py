@@ -1,0 +1,62 @@
+"""Zero-shot accuracy of a (pruned) image encoder, in PyTorch or from an exported ONNX file."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+
+from prtool.build import EncoderSpec, build_pruned_encoder
+from prtool.datasets import ImageDataset
+from prtool.errors import PrtoolError
+from prtool.models import LoadedModel
+from prtool.progress import progress_bar
+from prtool.zeroshot import class_text_embeddings, evaluate_embeddings, onnx_embedder, torch_embedder
+
+
+def text_classifier(loaded: LoadedModel, dataset: ImageDataset) -> torch.Tensor:
+    import open_clip
+
+    tokenizer = open_clip.get_tokenizer(loaded.name)
+    return class_text_embeddings(loaded.model, tokenizer, dataset.class_prompts)
+
+
+def _progress_batches(dataset: ImageDataset, batch_size: int, preprocess: dict, label: str, skip_bad: bool = False):
+    total = (len(dataset) + batch_size - 1) // batch_size
+    with progress_bar(total, label) as bar:
+        for batch in dataset.batches(batch_size, preprocess, skip_bad):
+            yield batch
+            bar.update(1)
+
+
+def evaluate_zero_shot(loaded: LoadedModel, dataset: ImageDataset, spec: EncoderSpec | None = None,
+                       onnx_path: Path | None = None, batch_size: int = 64, compare_unpruned: bool = True,
+                       class_emb: torch.Tensor | None = None, skip_bad: bool = False) -> dict:
+    """Top-1/top-5 on ``dataset``; pruned runs also report cosine/top-1 agreement with the unpruned model."""
+    from prtool.schedule import Schedule
+
+    class_emb = text_classifier(loaded, dataset) if class_emb is None else class_emb
+    n, depth = loaded.visual.grid_size[0] * loaded.visual.grid_size[1], len(loaded.visual.transformer.resblocks)
+    spec = spec or EncoderSpec(Schedule((), n, depth))
+    baseline, _ = build_pruned_encoder(loaded, EncoderSpec(Schedule((), n, depth)), normalize=True)
+    if onnx_path is not None:
+        from prtool.validate import ort_session
+
+        if not Path(onnx_path).exists():
+            raise PrtoolError(f"ONNX file {onnx_path} does not exist")
+        embed = onnx_embedder(ort_session(onnx_path))
+        backend = "onnxruntime"
+    else:
+        encoder, _ = build_pruned_encoder(loaded, spec, normalize=True)
+        embed = torch_embedder(encoder)
+        backend = "torch"
+    reference = torch_embedder(baseline) if compare_unpruned and not spec.schedule.is_empty else None
+    t0 = time.perf_counter()
+    result = evaluate_embeddings(embed, _progress_batches(dataset, batch_size, loaded.preprocess, "eval", skip_bad),
+                                 class_emb, reference)
+    result.update({"backend": backend, "dataset": dataset.name, "split": dataset.split,
+                   "schedule": spec.schedule.to_string() or "none",
+                   "scorer": None if spec.schedule.is_empty else spec.scorer,
+                   "seconds": round(time.perf_counter() - t0, 2), "skipped_images": list(dataset.skipped)})
+    return result

@@ -1,0 +1,84 @@
+"""Manifests: the JSON written next to every artifact, and atomic JSON writes."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+from prtool.models import sha256_file
+
+MANIFEST_VERSION = 1
+
+
+def write_json_atomic(path: Path, obj) -> None:
+    """Write JSON to a temporary file in the same folder, then rename it into place."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(obj, f, indent=2, sort_keys=False, default=str)
+            f.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def package_versions() -> dict:
+    """Versions of the packages that shape an export (no network, no GPU probing)."""
+    from importlib import metadata
+
+    out = {}
+    for dist in ("prtool", "torch", "open_clip_torch", "onnx", "onnxruntime", "onnxruntime-gpu", "onnxscript",
+                 "polygraphy", "tensorrt", "numpy"):
+        try:
+            out[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            continue
+    return out
+
+
+def build_manifest(loaded, spec, encoder, onnx_path: Path, options, names: list[str], predictor_meta, report,
+                   extra: dict | None = None) -> dict:
+    """Everything a consumer (or a later prtool command) needs to know about an exported graph."""
+    h, w = encoder.image_size
+    embed_dim = encoder.proj.shape[1] if encoder.proj is not None else encoder.width
+    outputs = [{"name": names[0], "dtype": "float32", "shape": ["batch", embed_dim],
+                "l2_normalized": options.normalize}]
+    if len(names) > 1:
+        outputs.append({"name": names[1], "dtype": "int64", "shape": ["batch", spec.schedule.final_keep],
+                        "meaning": "row-major patch indices (0..N-1) kept after the last stage, most important first"})
+    manifest = {
+        "prtool_manifest": MANIFEST_VERSION,
+        "kind": "onnx-image-encoder",
+        "source": {**loaded.model_id},
+        "pruned": not spec.schedule.is_empty,
+        **spec.to_dict(),
+        "num_prefix_tokens": encoder.num_prefix,
+        "predictor_meta": predictor_meta,
+        "inputs": [{"name": "pixel_values", "dtype": "float32", "shape": ["batch", 3, h, w]}],
+        "outputs": outputs,
+        "preprocess": loaded.preprocess,
+        "opset": options.opset,
+        "exporter": options.exporter,
+        "versions": package_versions(),
+        "onnx_sha256": sha256_file(onnx_path),
+        "onnx_file": onnx_path.name,
+        "validation": report.to_dict() if report is not None else None,
+    }
+    if extra:
+        manifest.update(extra)
+    return manifest
+
+
+def read_manifest_for(onnx_path: Path) -> dict | None:
+    """The manifest beside an ONNX file (``model.onnx`` -> ``model.json``), if any."""
+    side = Path(onnx_path).with_suffix(".json")
+    if side.exists():
+        try:
+            return json.loads(side.read_text())
+        except ValueError:
+            return None
+    return None

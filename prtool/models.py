@@ -1,0 +1,206 @@
+"""Loading CLIP models: open_clip architectures, pretrained tags, local checkpoints, the testbed.
+
+``load_clip("ViT-B-16", "openai")`` downloads through open_clip (on the user's machine);
+``load_clip("ViT-B-16", "/path/weights.safetensors")`` loads a local file without unpickling
+code; ``load_clip("testbed")`` loads prtool's own trained model; ``pretrained="none"`` gives
+random weights (tests, speed work).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import pickle
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from prtool.errors import PrtoolError
+
+log = logging.getLogger(__name__)
+
+OPEN_CLIP_RANGE = (">=3.0", "<3.4")
+
+
+@dataclass
+class LoadedModel:
+    """A CLIP model plus everything an artifact must record about where it came from."""
+
+    model: nn.Module
+    name: str
+    pretrained: str
+    checkpoint_sha256: str | None
+    preprocess: dict = field(default_factory=dict)
+
+    @property
+    def visual(self) -> nn.Module:
+        return self.model.visual
+
+    @property
+    def model_id(self) -> dict:
+        return {"model": self.name, "pretrained": self.pretrained, "checkpoint_sha256": self.checkpoint_sha256}
+
+
+def _open_clip():
+    import open_clip
+
+    return open_clip
+
+
+def register_testbed() -> None:
+    """Register the testbed architecture with open_clip (idempotent)."""
+    from prtool.testbed import spec
+
+    oc = _open_clip()
+    if spec.MODEL_NAME not in oc.list_models():
+        oc.add_model_config(spec.CONFIG_PATH)
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """Read a checkpoint file safely: safetensors, or a torch file with ``weights_only=True``."""
+    path = Path(path)
+    if not path.exists():
+        raise PrtoolError(f"checkpoint {path} does not exist: pass an existing file or an open_clip pretrained tag")
+    if path.is_dir():
+        raise PrtoolError(f"checkpoint {path} is a directory: pass the weights file inside it")
+    if path.stat().st_size == 0:
+        raise PrtoolError(f"checkpoint {path} is empty: re-download or re-save it")
+    with open(path, "rb") as f:
+        head = f.read(8)
+    if path.suffix == ".safetensors" or (len(head) == 8 and int.from_bytes(head, "little") < (1 << 28) and not zipfile.is_zipfile(path)):
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            state = load_file(str(path))
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise PrtoolError(
+                f"checkpoint {path} is not a readable safetensors file ({exc}): it may be truncated; re-save it"
+            ) from None
+    else:
+        try:
+            state = torch.load(str(path), map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as exc:
+            if "weights only" in str(exc).lower():
+                raise PrtoolError(
+                    f"checkpoint {path} holds pickled code (objects other than tensors), which prtool never unpickles: "
+                    "re-save it as a plain state_dict (torch.save(model.state_dict(), ...)) or as safetensors"
+                ) from None
+            raise PrtoolError(
+                f"checkpoint {path} is not a checkpoint ({str(exc).splitlines()[0]}): pass a safetensors file or a torch state_dict"
+            ) from None
+        except Exception as exc:  # corrupt torch files raise RuntimeError, EOFError, KeyError, ...
+            raise PrtoolError(
+                f"checkpoint {path} is not a readable torch checkpoint ({type(exc).__name__}: {str(exc)[:80]}): "
+                "it may be truncated or of another format; pass a safetensors file or a torch state_dict"
+            ) from None
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise PrtoolError(f"checkpoint {path} holds no state_dict of tensors: pass a CLIP state_dict")
+    if all(k.startswith("module.") for k in state):
+        state = {k[len("module.") :]: v for k, v in state.items()}
+    return state
+
+
+def _check_vit(model: nn.Module, name: str) -> None:
+    from open_clip.transformer import VisionTransformer
+
+    visual = getattr(model, "visual", None)
+    if not isinstance(visual, VisionTransformer):
+        kind = type(visual).__name__ if visual is not None else "no image tower"
+        raise PrtoolError(
+            f"model {name!r} has a {kind} image tower: prtool prunes open_clip ViT towers only "
+            "(ViT-B-16, ViT-B-32, ViT-L-14, ...)"
+        )
+
+
+def load_clip(name: str, pretrained: str | None = "none", device: str = "cpu") -> LoadedModel:
+    """Build an open_clip CLIP in eval mode and load its weights.
+
+    ``pretrained`` is an open_clip tag, a local checkpoint path, or ``"none"`` for random
+    weights. The name ``testbed`` defaults to its committed checkpoint.
+    """
+    oc = _open_clip()
+    register_testbed()
+    from prtool.testbed import spec
+
+    if name == spec.MODEL_NAME and pretrained in (None, "", "default"):
+        pretrained = str(spec.CHECKPOINT_PATH)
+        if not spec.CHECKPOINT_PATH.exists():
+            raise PrtoolError(
+                "the testbed checkpoint is not built yet: run `prtool testbed train` (or pass --pretrained none)"
+            )
+    pretrained = pretrained or "none"
+    if name not in oc.list_models():
+        raise PrtoolError(
+            f"unknown model {name!r}: use an open_clip architecture name such as ViT-B-16, ViT-B-32, "
+            "ViT-L-14 or 'testbed' (`python -c \"import open_clip; print(open_clip.list_models())\"` lists them)"
+        )
+    is_file = pretrained != "none" and (Path(pretrained).suffix != "" or Path(pretrained).exists() or "/" in pretrained)
+    checkpoint_sha = None
+    if pretrained == "none" or is_file:
+        model = oc.create_model(name, pretrained=None, device=device, load_weights=False)
+        _check_vit(model, name)
+        if is_file:
+            path = Path(pretrained)
+            state = read_state_dict(path)
+            try:
+                model.load_state_dict(state, strict=True)
+            except RuntimeError as exc:
+                first = str(exc).splitlines()[0]
+                raise PrtoolError(
+                    f"checkpoint {path} does not fit model {name!r} ({first}): pass the architecture it was trained as"
+                ) from None
+            checkpoint_sha = sha256_file(path)
+    else:
+        tags = oc.list_pretrained_tags_by_model(name)
+        if pretrained not in tags:
+            raise PrtoolError(
+                f"unknown pretrained tag {pretrained!r} for {name}: known tags are {', '.join(tags) or 'none'}; "
+                "or pass a local checkpoint file, or 'none'"
+            )
+        try:
+            model = oc.create_model(name, pretrained=pretrained, device=device)
+        except Exception as exc:  # network errors come in many types
+            raise PrtoolError(
+                f"could not download {name}/{pretrained} ({type(exc).__name__}): this machine may have no access to "
+                "the model hub; download the weights elsewhere and pass the local file with --pretrained PATH"
+            ) from None
+        _check_vit(model, name)
+    model.eval()
+    return LoadedModel(model, name, pretrained if not is_file else Path(pretrained).name, checkpoint_sha,
+                       preprocess_config(model))
+
+
+def preprocess_config(model: nn.Module) -> dict:
+    """What a consumer must do to an image before the encoder (recorded in every manifest)."""
+    visual = model.visual
+    size = visual.image_size
+    size = list(size) if isinstance(size, (tuple, list)) else [size, size]
+    cfg = getattr(visual, "preprocess_cfg", {}) or {}
+    from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
+
+    return {
+        "image_size": size,
+        "mode": cfg.get("mode", "RGB"),
+        "channel_order": "RGB",
+        "layout": "NCHW",
+        "interpolation": cfg.get("interpolation", "bicubic"),
+        "resize_mode": cfg.get("resize_mode", "shortest"),
+        "resize": "shortest side to image_size, then center crop to image_size",
+        "scale": "pixel / 255",
+        "mean": list(cfg.get("mean", OPENAI_DATASET_MEAN)),
+        "std": list(cfg.get("std", OPENAI_DATASET_STD)),
+    }

@@ -1,0 +1,45 @@
+"""Recipes: TOML files of option defaults. Precedence: explicit CLI flag > recipe > built-in default.
+
+A recipe has one table per command (``[export]``, ``[build]``); keys are the commands' option
+names in snake_case. Unknown keys are errors, so a typo never silently does nothing.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from prtool.errors import PrtoolError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+
+def read_recipe(path: Path) -> dict:
+    path = Path(path)
+    if not path.exists():
+        raise PrtoolError(f"recipe {path} does not exist (recipes ship in export/recipes/)")
+    try:
+        return tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as exc:
+        raise PrtoolError(f"recipe {path} is not valid TOML ({exc})") from None
+
+
+def apply_recipe(recipe: Path | None, ctx, values: dict, section: str) -> dict:
+    """Merge a recipe's ``[section]`` into ``values`` for every option not given on the command line."""
+    out = {k: v for k, v in values.items() if k not in ("ctx",)}
+    if recipe is None:
+        return out
+    from click.core import ParameterSource
+
+    table = read_recipe(recipe).get(section, {})
+    unknown = sorted(set(table) - set(out))
+    if unknown:
+        raise PrtoolError(f"recipe {recipe} [{section}] has unknown keys {unknown}; known: {sorted(out)}")
+    for key, value in table.items():
+        if ctx.get_parameter_source(key) != ParameterSource.COMMANDLINE:
+            current = out[key]
+            out[key] = Path(value) if isinstance(current, Path) else value
+    return out

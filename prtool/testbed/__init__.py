@@ -1,0 +1,1 @@
+"""The testbed: a small CLIP that prtool trains itself on Cluttered Fashion-MNIST."""

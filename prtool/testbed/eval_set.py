@@ -1,0 +1,100 @@
+"""The shipped splits: 2,000 Fashion-MNIST test items and 3,000 train items (class-balanced,
+seeded) in compact form.
+
+The repository ships the 28x28 source items (about 1.5 MB raw, compressed), not the canvases; the
+canvases are rendered from them deterministically (``EVAL_SEED``) and checked against the
+SHA-256 recorded when the pack was built, so the demo and tests need nothing installed and
+every machine scores the same bytes.
+"""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+import numpy as np
+
+from prtool.errors import PrtoolError
+from prtool.testbed import data as tbdata
+from prtool.testbed import spec
+
+
+# split -> (pack file, Fashion-MNIST split, seed, items per class)
+PACKS = {
+    "test": (spec.EVAL_ITEMS_PATH, "test", tbdata.EVAL_SEED, tbdata.EVAL_PER_CLASS),
+    "train": (spec.TRAIN_ITEMS_PATH, "train", tbdata.EVAL_SEED + 1, 300),
+}
+
+
+def build_pack(split: str, idx_dir: Path = tbdata.DEFAULT_IDX_DIR, out: Path | None = None) -> dict:
+    """Select a split's shipped items from the Debian IDX files and write the pack atomically."""
+    default_out, source, seed, per_class = PACKS[split]
+    images, labels = tbdata.load_fashion_mnist(source, idx_dir)
+    indices = tbdata.select_eval_indices(labels, per_class=per_class, seed=seed)
+    items, item_labels = images[indices], labels[indices]
+    canvases = tbdata.render_canvases(items, seed=seed)
+    sha = tbdata.canvases_sha256(canvases)
+    out = Path(out or default_out)
+    tmp = out.with_name(out.name + ".tmp.npz")
+    np.savez_compressed(tmp, items=items, labels=item_labels, source_indices=indices.astype(np.int32),
+                        seed=np.int64(seed), canvases_sha256=np.array(sha))
+    tmp.replace(out)
+    return {"path": str(out), "count": int(len(items)), "canvases_sha256": sha}
+
+
+@functools.lru_cache(maxsize=2)
+def _pack(path: str):
+    p = Path(path)
+    if not p.exists():
+        raise PrtoolError(f"testbed pack {p} is missing: run `prtool testbed data --build-packs`")
+    with np.load(p) as z:
+        return z["items"], z["labels"].astype(np.int64), int(z["seed"]), str(z["canvases_sha256"])
+
+
+@functools.lru_cache(maxsize=4)
+def _render(path: str, limit: int | None):
+    items, labels, seed, sha = _pack(path)
+    n = len(items) if limit is None else min(limit, len(items))
+    canvases = tbdata.render_canvases(items, seed=seed, indices=range(n))
+    if limit is None or n == len(items):
+        got = tbdata.canvases_sha256(canvases)
+        if got != sha:
+            raise PrtoolError(
+                f"rendered testbed eval canvases differ from the pack's record ({got[:12]} != {sha[:12]}): "
+                "numpy/Pillow produced different pixels; regenerate the packs with `prtool testbed data --build-packs`"
+            )
+    canvases.setflags(write=False)
+    return canvases, labels[:n]
+
+
+def load_split_canvases(split: str, limit: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """``(canvases [M, 112, 112, 3] uint8, labels [M] int64)`` of a shipped split (train or test)."""
+    if split not in PACKS:
+        raise PrtoolError(f"the testbed ships the splits {', '.join(PACKS)}, not {split!r}")
+    return _render(str(PACKS[split][0]), limit)
+
+
+def load_eval_canvases(limit: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """The shipped eval (test) split."""
+    return load_split_canvases("test", limit)
+
+
+def write_reference(checkpoint: Path = spec.CHECKPOINT_PATH, out: Path = spec.REFERENCE_PATH) -> dict:
+    """Record the checkpoint's hash and its embedding of eval canvas 0 (a regression anchor for tests)."""
+    import json
+
+    import torch
+
+    from prtool.images import arrays_to_batch
+    from prtool.models import load_clip
+
+    loaded = load_clip(spec.MODEL_NAME, str(checkpoint))
+    canvases, labels = load_split_canvases("test", limit=1)
+    with torch.no_grad():
+        emb = loaded.model.encode_image(arrays_to_batch(canvases, loaded.preprocess), normalize=True)[0]
+    ref = {"checkpoint_sha256": loaded.checkpoint_sha256, "image": "testbed test canvas 0", "label": int(labels[0]),
+           "embedding": [round(float(v), 7) for v in emb]}
+    tmp = Path(out).with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(ref, indent=1) + "\n")
+    tmp.replace(out)
+    return ref

@@ -1,0 +1,190 @@
+"""Train the testbed CLIP from scratch on Cluttered Fashion-MNIST (CPU, about an hour).
+
+Objective: CLIP's symmetric contrastive loss with *soft targets over classes*. Captions come from
+12 templates x 3-4 synonyms per class, so one batch of 128 images holds many captions of the same
+class, and often the very same caption twice. Plain InfoNCE would treat those as negatives and
+push apart captions that mean the same thing (false negatives). Instead each image draws one
+caption, duplicate captions are merged, and the image->text target is uniform over the captions
+of the image's class, the text->image target uniform over the images of the caption's class.
+The loss is the mean of the two soft-target cross-entropies.
+
+Training canvases are rendered afresh every epoch (new seed, same 60k items), so the model never
+sees the same clutter twice. The job checkpoints every ``save_every`` steps and resumes.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import queue
+import threading
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from prtool.progress import progress_bar
+from prtool.testbed import data as tbdata
+from prtool.testbed import spec
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    samples: int = 150_000  # images seen in total (2.5 epochs of the 60k train split)
+    batch_size: int = 128
+    lr: float = 1e-3
+    weight_decay: float = 0.05
+    warmup_steps: int = 150
+    grad_clip: float = 1.0
+    seed: int = 0
+    bf16: bool = True
+    save_every: int = 100
+    eval_images: int = 2000
+
+
+def lr_at(step: int, total: int, cfg: TrainConfig) -> float:
+    """Linear warm-up, then cosine decay to zero."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    progress = (step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps)
+    return cfg.lr * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def images_to_tensor(canvases: np.ndarray, preprocess: dict) -> torch.Tensor:
+    """uint8 ``[B, H, W, 3]`` canvases at model resolution -> normalized float ``[B, 3, H, W]``."""
+    x = torch.from_numpy(canvases).permute(0, 3, 1, 2).float().div_(255.0)
+    mean = torch.tensor(preprocess["mean"]).view(1, 3, 1, 1)
+    std = torch.tensor(preprocess["std"]).view(1, 3, 1, 1)
+    return (x - mean) / std
+
+
+def soft_clip_loss(img: torch.Tensor, txt: torch.Tensor, scale: torch.Tensor, img_cls: torch.Tensor,
+                   txt_cls: torch.Tensor) -> torch.Tensor:
+    """Symmetric CLIP loss whose targets are uniform over same-class partners (no false negatives)."""
+    logits = scale * img @ txt.t()
+    same = (img_cls[:, None] == txt_cls[None, :]).float()
+    t_i2t = same / same.sum(1, keepdim=True)
+    t_t2i = same.t() / same.t().sum(1, keepdim=True)
+    loss_i = -(t_i2t * logits.log_softmax(1)).sum(1).mean()
+    loss_t = -(t_t2i * logits.t().log_softmax(1)).sum(1).mean()
+    return 0.5 * (loss_i + loss_t)
+
+
+def _batches(items, labels, cfg: TrainConfig, start_step: int, total_steps: int):
+    """Yield ``(step, canvases, labels)``; epoch e renders with seed ``(cfg.seed, e)``."""
+    per_epoch = len(items) // cfg.batch_size
+    for step in range(start_step, total_steps):
+        epoch, b = divmod(step, per_epoch)
+        order = np.random.default_rng([cfg.seed, epoch, 1]).permutation(len(items))
+        idx = order[b * cfg.batch_size : (b + 1) * cfg.batch_size]
+        canvases = tbdata.render_canvases(items, seed=cfg.seed * 1000 + epoch + 1, indices=idx)
+        yield step, canvases, labels[idx]
+
+
+def _prefetch(gen, depth: int = 3):
+    q: queue.Queue = queue.Queue(maxsize=depth)
+    done = object()
+
+    def work():
+        for item in gen:
+            q.put(item)
+        q.put(done)
+
+    threading.Thread(target=work, daemon=True).start()
+    while (item := q.get()) is not done:
+        yield item
+
+
+def zero_shot_weights(model, tokenizer) -> torch.Tensor:
+    """``[D, 10]`` class embeddings: mean of normalized caption embeddings per class."""
+    with torch.no_grad():
+        cols = []
+        for caps in spec.class_captions():
+            emb = F.normalize(model.encode_text(tokenizer(caps)), dim=-1).mean(0)
+            cols.append(F.normalize(emb, dim=-1))
+        return torch.stack(cols, dim=1)
+
+
+def train_testbed(out: Path, cfg: TrainConfig = TrainConfig(), idx_dir: Path = tbdata.DEFAULT_IDX_DIR,
+                  resume: bool = True, quiet: bool = False) -> dict:
+    """Train the testbed and write ``out`` (fp16 safetensors) plus ``out``.json with the metrics."""
+    import open_clip
+    from safetensors.torch import save_file
+
+    from prtool.models import preprocess_config, register_testbed
+    from prtool.seed import seed_everything
+
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    state_path = out.with_suffix(".train-state.pt")
+    seed_everything(cfg.seed)
+    register_testbed()
+    model = open_clip.create_model(spec.MODEL_NAME, pretrained=None, load_weights=False)
+    tokenizer = open_clip.get_tokenizer(spec.MODEL_NAME)
+    pre = preprocess_config(model)
+    items, labels = tbdata.load_fashion_mnist("train", idx_dir)
+    labels = labels.astype(np.int64)
+
+    captions = [c for caps in spec.class_captions() for c in caps]
+    caption_cls = torch.tensor([k for k, caps in enumerate(spec.class_captions()) for _ in caps])
+    caption_tokens = tokenizer(captions)
+    first_caption = torch.tensor([0] + list(np.cumsum([len(c) for c in spec.class_captions()])))
+
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embedding" not in n]
+    no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embedding" not in n)]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.98))
+    total = cfg.samples // cfg.batch_size
+    start = 0
+    if resume and state_path.exists():
+        st = torch.load(state_path, map_location="cpu", weights_only=True)
+        model.load_state_dict(st["model"])
+        opt.load_state_dict(st["opt"])
+        start = int(st["step"])
+        log.info("resuming testbed training at step %d/%d", start, total)
+
+    model.train()
+    t0, seen = time.time(), 0
+    with progress_bar(total, "train testbed", quiet=quiet, completed=start) as bar:
+        for step, canvases, y in _prefetch(_batches(items, labels, cfg, start, total)):
+            for g in opt.param_groups:
+                g["lr"] = lr_at(step, total, cfg)
+            y = torch.from_numpy(y)
+            gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
+            counts = first_caption[1:] - first_caption[:-1]
+            pick = first_caption[y] + (torch.rand(len(y), generator=gen) * counts[y]).long()
+            uniq = torch.unique(pick)
+            images = images_to_tensor(canvases, pre)
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
+                img = F.normalize(model.encode_image(images), dim=-1)
+                txt = F.normalize(model.encode_text(caption_tokens[uniq]), dim=-1)
+            loss = soft_clip_loss(img.float(), txt.float(), model.logit_scale.exp(), y, caption_cls[uniq])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            opt.step()
+            with torch.no_grad():
+                model.logit_scale.clamp_(0, math.log(100))
+            seen += len(y)
+            info = f"loss {loss.item():.3f} {seen / (time.time() - t0):.0f} img/s"
+            bar.update(1, info=info)
+            if step % 50 == 0:
+                log.info("step %d/%d %s", step, total, info)
+            if (step + 1) % cfg.save_every == 0 or step + 1 == total:
+                tmp = state_path.with_suffix(".tmp")
+                torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "step": step + 1}, tmp)
+                tmp.replace(state_path)
+    model.eval()
+    state = {k: v.detach().to(torch.float16).contiguous() for k, v in model.state_dict().items()}
+    tmp = out.with_suffix(".tmp")
+    save_file(state, str(tmp), metadata={"prtool": "testbed", "config": json.dumps(asdict(cfg))})
+    tmp.replace(out)
+    meta = {"config": asdict(cfg), "steps": total, "train_seconds_this_run": round(time.time() - t0, 1)}
+    out.with_suffix(".json").write_text(json.dumps(meta, indent=2) + "\n")
+    return meta

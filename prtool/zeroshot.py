@@ -1,0 +1,84 @@
+"""Zero-shot classification: class text embeddings and top-k accuracy of any image encoder."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+DEFAULT_TEMPLATES = (
+    "a photo of a {}.",
+    "a bad photo of a {}.",
+    "a photo of the large {}.",
+    "a photo of the small {}.",
+    "a cropped photo of a {}.",
+    "a close-up photo of a {}.",
+    "a bright photo of a {}.",
+    "a dark photo of a {}.",
+)
+
+
+def class_text_embeddings(model, tokenizer, class_prompts: list[list[str]], batch_size: int = 256) -> torch.Tensor:
+    """``[C, E]`` unit vectors: per class, the normalized mean of its normalized prompt embeddings."""
+    rows = []
+    with torch.no_grad():
+        for prompts in class_prompts:
+            embs = []
+            for i in range(0, len(prompts), batch_size):
+                embs.append(F.normalize(model.encode_text(tokenizer(prompts[i : i + batch_size])).float(), dim=-1))
+            rows.append(F.normalize(torch.cat(embs).mean(0), dim=-1))
+    return torch.stack(rows)
+
+
+def topk_correct(logits: np.ndarray, labels: np.ndarray, ks=(1, 5)) -> dict[int, int]:
+    order = np.argsort(-logits, axis=1, kind="stable")
+    return {k: int((order[:, :k] == labels[:, None]).any(1).sum()) for k in ks if k <= logits.shape[1]}
+
+
+def evaluate_embeddings(embed: Callable[[torch.Tensor], np.ndarray], batches: Iterable, class_emb: torch.Tensor,
+                        reference: Callable[[torch.Tensor], np.ndarray] | None = None) -> dict:
+    """Top-1/top-5 of ``embed`` over ``(pixels, labels)`` batches; with ``reference``, also the mean
+    cosine to the reference embeddings and agreement of top-1 predictions."""
+    w = class_emb.numpy().astype(np.float32)
+    correct = {1: 0, 5: 0}
+    n, cos_sum, agree = 0, 0.0, 0
+    for pixels, labels in batches:
+        e = embed(pixels)
+        e = e / np.maximum(np.linalg.norm(e, axis=1, keepdims=True), 1e-12)
+        logits = e @ w.T
+        for k, c in topk_correct(logits, np.asarray(labels)).items():
+            correct[k] += c
+        if reference is not None:
+            r = reference(pixels)
+            r = r / np.maximum(np.linalg.norm(r, axis=1, keepdims=True), 1e-12)
+            cos_sum += float((e * r).sum(1).sum())
+            agree += int((logits.argmax(1) == (r @ w.T).argmax(1)).sum())
+        n += len(labels)
+    out = {"images": n, "top1": 100.0 * correct[1] / n}
+    if w.shape[0] >= 5:
+        out["top5"] = 100.0 * correct[5] / n
+    if reference is not None:
+        out["mean_cosine_to_reference"] = cos_sum / n
+        out["top1_agreement_with_reference"] = 100.0 * agree / n
+    return out
+
+
+def torch_embedder(module: torch.nn.Module) -> Callable[[torch.Tensor], np.ndarray]:
+    def embed(pixels: torch.Tensor) -> np.ndarray:
+        with torch.no_grad():
+            out = module(pixels)
+        out = out[0] if isinstance(out, (tuple, list)) else out
+        return out.float().numpy()
+
+    return embed
+
+
+def onnx_embedder(session) -> Callable[[torch.Tensor], np.ndarray]:
+    name = session.get_inputs()[0].name
+
+    def embed(pixels: torch.Tensor) -> np.ndarray:
+        return session.run(None, {name: pixels.numpy().astype(np.float32)})[0]
+
+    return embed

@@ -1,0 +1,67 @@
+"""Shared fixtures: tiny open_clip architectures registered from tests/configs."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+CONFIGS = Path(__file__).parent / "configs"
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+def pytest_configure(config):
+    import open_clip
+
+    for cfg in sorted(CONFIGS.glob("*.json")):
+        if cfg.stem not in open_clip.list_models():
+            open_clip.add_model_config(cfg)
+
+
+def pytest_collection_modifyitems(config, items):
+    has_gpu = torch.cuda.is_available()
+    try:
+        import tensorrt  # noqa: F401
+
+        has_trt = has_gpu
+    except ImportError:
+        has_trt = False
+    for item in items:
+        if "gpu" in item.keywords and not has_gpu:
+            item.add_marker(pytest.mark.skip(reason="no CUDA GPU on this machine"))
+        if "trt" in item.keywords and not has_trt:
+            item.add_marker(pytest.mark.skip(reason="TensorRT or a GPU is missing"))
+
+
+@pytest.fixture(scope="session")
+def tiny():
+    """A random-weight tiny CLIP: 64x64 images, patch 8 (64 patches), width 32, 4 blocks."""
+    from prtool.models import load_clip
+
+    torch.manual_seed(0)
+    return load_clip("prtool-tiny", "none")
+
+
+@pytest.fixture(scope="session")
+def tiny_pixels():
+    g = torch.Generator().manual_seed(1)
+    return torch.randn(7, 3, 64, 64, generator=g)
+
+
+def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None):
+    """Run the real console entry point in a subprocess, with the tiny configs registered."""
+    import subprocess
+
+    code = (
+        "import open_clip, pathlib, sys\n"
+        f"[open_clip.add_model_config(p) for p in sorted(pathlib.Path({str(CONFIGS)!r}).glob('*.json'))]\n"
+        "from prtool.cli.app import main\n"
+        "sys.argv = ['prtool'] + sys.argv[1:]\n"
+        "main()\n"
+    )
+    full_env = {**os.environ, **(env or {})}
+    return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, cwd=cwd, env=full_env,
+                          timeout=600)

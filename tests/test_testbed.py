@@ -1,0 +1,87 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from prtool.testbed import data as tbdata
+from prtool.testbed import spec
+from prtool.testbed.eval_set import PACKS, load_split_canvases
+
+HAS_IDX = (tbdata.DEFAULT_IDX_DIR / "t10k-images-idx3-ubyte.gz").exists()
+
+
+def _items(n=40, seed=0):
+    rng = np.random.default_rng(seed)
+    return rng.integers(0, 256, size=(n, 28, 28), dtype=np.uint8)
+
+
+def test_generation_is_deterministic_and_order_independent():
+    items = _items()
+    a = tbdata.render_canvases(items, seed=5)
+    b = tbdata.render_canvases(items, seed=5)
+    assert a.shape == (40, 112, 112, 3) and a.dtype == np.uint8
+    assert tbdata.canvases_sha256(a) == tbdata.canvases_sha256(b)
+    part = tbdata.render_canvases(items, seed=5, indices=range(10, 20))
+    assert np.array_equal(part, a[10:20])
+    assert not np.array_equal(tbdata.render_canvases(items, seed=6, indices=range(3)), a[:3])
+
+
+def test_background_is_textured_everywhere():
+    canvases = tbdata.render_canvases(np.zeros((8, 28, 28), np.uint8), seed=1)  # empty items: background + clutter
+    patches = canvases.reshape(8, 14, 8, 14, 8, 3).transpose(0, 1, 3, 2, 4, 5).reshape(8, 196, -1)
+    for c in patches:
+        assert len({p.tobytes() for p in c}) == 196  # no two patches identical
+        assert (c.std(axis=1) > 0).all()  # no flat patch
+
+
+def test_shipped_packs_render_to_their_recorded_bytes():
+    canvases, labels = load_split_canvases("test")
+    assert canvases.shape == (2000, 112, 112, 3)
+    assert np.bincount(labels).tolist() == [200] * 10
+    train, train_labels = load_split_canvases("train")
+    assert len(train) == 3000 and np.bincount(train_labels).tolist() == [300] * 10
+
+
+@pytest.mark.skipif(not HAS_IDX, reason="Debian's dataset-fashion-mnist is not installed")
+def test_packs_are_reproducible_from_the_idx_files(tmp_path):
+    from prtool.testbed.eval_set import build_pack
+
+    for split in PACKS:
+        rebuilt = build_pack(split, out=tmp_path / f"{split}.npz")
+        with np.load(PACKS[split][0]) as shipped, np.load(tmp_path / f"{split}.npz") as new:
+            assert str(shipped["canvases_sha256"]) == rebuilt["canvases_sha256"]
+            assert np.array_equal(shipped["items"], new["items"])
+
+
+def test_testbed_definition():
+    assert len(spec.CLASSNAMES) == len(spec.SYNONYMS) == 10
+    caps = spec.class_captions()
+    assert all(len(c) == len(spec.TEMPLATES) * len(s) for c, s in zip(caps, spec.SYNONYMS))
+    assert "a photo of a pants." in caps[1] and "a photo of a trainer." in caps[7]
+
+
+def test_registered_config_builds():
+    import open_clip
+
+    from prtool.models import register_testbed
+
+    register_testbed()
+    model = open_clip.create_model("testbed", pretrained=None, load_weights=False)
+    v = model.visual
+    assert v.grid_size == (14, 14) and len(v.transformer.resblocks) == 6 and v.class_embedding.shape == (128,)
+    assert sum(p.numel() for p in model.parameters()) < 10_000_000
+
+
+@pytest.mark.skipif(not spec.CHECKPOINT_PATH.exists(), reason="testbed checkpoint not trained yet")
+def test_committed_checkpoint_reproduces_reference_embedding():
+    from prtool.images import arrays_to_batch
+    from prtool.models import load_clip
+
+    ref = json.loads(spec.REFERENCE_PATH.read_text())
+    loaded = load_clip("testbed")
+    assert loaded.checkpoint_sha256 == ref["checkpoint_sha256"]
+    canvases, _ = load_split_canvases("test", limit=1)
+    with torch.no_grad():
+        emb = loaded.model.encode_image(arrays_to_batch(canvases, loaded.preprocess), normalize=True)[0]
+    assert np.abs(emb.numpy() - np.array(ref["embedding"], dtype=np.float32)).max() <= 1e-4
