@@ -10,7 +10,7 @@ from prtool.models import LoadedModel
 from prtool.predictor import PredictorConfig, RankingPredictor, check_predictor_fits, load_predictor
 from prtool.pruned import PrunedVisionTransformer
 from prtool.schedule import Schedule, resolve_schedule
-from prtool.scorers import ClsAttentionScorer, PatchScorer, PredictorScorer, RandomScorer
+from prtool.scorers import ClsAttentionScorer, GoldenScorer, PatchScorer, PredictorScorer, RandomScorer
 
 
 @dataclass
@@ -58,7 +58,9 @@ def make_scorer(loaded: LoadedModel, spec: EncoderSpec) -> tuple[PatchScorer | N
         return ClsAttentionScorer(), None
     if spec.scorer == "random":
         return RandomScorer(spec.seed), None
-    raise PrtoolError(f"unknown scorer {spec.scorer!r}: use predictor, cls-attn or random")
+    if spec.scorer == "golden":
+        return GoldenScorer(), None
+    raise PrtoolError(f"unknown scorer {spec.scorer!r}: use predictor, cls-attn, random or golden")
 
 
 def build_pruned_encoder(loaded: LoadedModel, spec: EncoderSpec, normalize: bool = True,

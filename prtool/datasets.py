@@ -84,10 +84,11 @@ class ImageDataset:
         return torch.stack(pixels), self.labels[ok], ok
 
     def batches(self, batch_size: int, preprocess: dict, skip_bad: bool = False):
+        """Yield ``(pixels, labels, rows)``; rows are the dataset indices actually loaded."""
         for start in range(0, len(self), batch_size):
-            pixels, labels, _ = self.load(range(start, min(start + batch_size, len(self))), preprocess, skip_bad)
+            pixels, labels, rows = self.load(range(start, min(start + batch_size, len(self))), preprocess, skip_bad)
             if len(labels):
-                yield pixels, labels
+                yield pixels, labels, rows
 
 
 def few_shot(dataset: ImageDataset, shots: int, seed: int = 0) -> ImageDataset:
@@ -127,10 +128,12 @@ def _testbed(split: str) -> ImageDataset:
 
 
 def _image_folder(root: Path, split: str) -> tuple[list[str], list[tuple[Path, int]]]:
+    """One sub-folder per class; a folder of images without sub-folders is an unlabelled dataset."""
     base = root / split if (root / split).is_dir() else root
     classes = sorted(d.name for d in base.iterdir() if d.is_dir())
     if not classes:
-        raise PrtoolError(f"{base} has no class sub-folders: ImageFolder data needs one folder per class")
+        files = sorted(p for p in base.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+        return [], [(p, -1) for p in files]
     samples = [(p, c) for c, name in enumerate(classes) for p in sorted((base / name).rglob("*"))
                if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES]
     return classes, samples
@@ -144,8 +147,8 @@ def _csv(path: Path, root: Path) -> tuple[list[str], list[tuple[Path, int]]]:
             if not row or (lineno == 1 and row[0].strip().lower() == "path"):
                 continue
             try:
-                label = int(row[1])
-            except (IndexError, ValueError):
+                label = int(row[1]) if len(row) > 1 and row[1].strip() else -1
+            except ValueError:
                 raise PrtoolError(f"{path}:{lineno}: expected 'path,label[,classname]', got {row!r}") from None
             if len(row) > 2 and row[2].strip():
                 names[label] = row[2].strip()

@@ -30,12 +30,46 @@ def _progress_batches(dataset: ImageDataset, batch_size: int, preprocess: dict, 
             bar.update(1)
 
 
+def golden_scores_for(dataset: ImageDataset, rankings: Path, loaded: LoadedModel, rank_block: int):
+    """``rows -> [b, N]`` oracle patch scores from a rankings store (higher = ranked earlier)."""
+    from prtool.rank_store import load_store
+
+    store = load_store(rankings)
+    idx = store.index
+    if idx["rank_block"] != rank_block:
+        raise PrtoolError(f"rankings {rankings} were computed at block {idx['rank_block']}, but the schedule's first "
+                          f"stage is block {rank_block}: use a schedule starting at block {idx['rank_block']}")
+    if idx["model_id"].get("checkpoint_sha256") != loaded.model_id.get("checkpoint_sha256") or \
+            idx["model_id"].get("model") != loaded.name:
+        raise PrtoolError(f"rankings {rankings} were computed for {idx['model_id']}, not {loaded.model_id}")
+    where = store.row_of()
+    n = store.rankings.shape[1]
+    position_score = torch.arange(n, 0, -1, dtype=torch.float32)  # first in the ranking -> highest score
+
+    def scores_for(rows) -> torch.Tensor:
+        out = torch.empty(len(rows), n)
+        for j, r in enumerate(rows):
+            sid = dataset.sample_id(r)
+            if sid not in where:
+                raise PrtoolError(f"rankings {rankings} have no ranking for {sid}: rank this dataset/split first")
+            out[j, torch.from_numpy(store.rankings[where[sid]])] = position_score
+        return out
+
+    return scores_for
+
+
 def evaluate_zero_shot(loaded: LoadedModel, dataset: ImageDataset, spec: EncoderSpec | None = None,
                        onnx_path: Path | None = None, batch_size: int = 64, compare_unpruned: bool = True,
-                       class_emb: torch.Tensor | None = None, skip_bad: bool = False) -> dict:
-    """Top-1/top-5 on ``dataset``; pruned runs also report cosine/top-1 agreement with the unpruned model."""
+                       class_emb: torch.Tensor | None = None, skip_bad: bool = False,
+                       rankings: Path | None = None) -> dict:
+    """Top-1/top-5 on ``dataset``; pruned runs also report cosine/top-1 agreement with the unpruned model.
+
+    ``spec.scorer == "golden"`` prunes each image by its own golden ranking from ``rankings``.
+    """
     from prtool.schedule import Schedule
 
+    if not dataset.classnames or (dataset.labels < 0).any():
+        raise PrtoolError(f"zero-shot accuracy needs labelled images with class names; {dataset.name} has none")
     class_emb = text_classifier(loaded, dataset) if class_emb is None else class_emb
     n, depth = loaded.visual.grid_size[0] * loaded.visual.grid_size[1], len(loaded.visual.transformer.resblocks)
     spec = spec or EncoderSpec(Schedule((), n, depth))
@@ -49,7 +83,12 @@ def evaluate_zero_shot(loaded: LoadedModel, dataset: ImageDataset, spec: Encoder
         backend = "onnxruntime"
     else:
         encoder, _ = build_pruned_encoder(loaded, spec, normalize=True)
-        embed = torch_embedder(encoder)
+        scores_for = None
+        if spec.scorer == "golden" and not spec.schedule.is_empty:
+            if rankings is None:
+                raise PrtoolError("--scorer golden needs --rankings DIR (a store made by `prtool rank`)")
+            scores_for = golden_scores_for(dataset, rankings, loaded, spec.schedule.first_block)
+        embed = torch_embedder(encoder, scores_for)
         backend = "torch"
     reference = torch_embedder(baseline) if compare_unpruned and not spec.schedule.is_empty else None
     t0 = time.perf_counter()

@@ -22,7 +22,7 @@ from prtool.errors import PrtoolError
 
 log = logging.getLogger(__name__)
 
-OPEN_CLIP_RANGE = (">=3.0", "<3.4")
+RANDOM_INIT_SEED = 0
 
 
 @dataclass
@@ -151,7 +151,11 @@ def load_clip(name: str, pretrained: str | None = "none", device: str = "cpu") -
     is_file = pretrained != "none" and (Path(pretrained).suffix != "" or Path(pretrained).exists() or "/" in pretrained)
     checkpoint_sha = None
     if pretrained == "none" or is_file:
-        model = oc.create_model(name, pretrained=None, device=device, load_weights=False)
+        # Random weights are seeded, so "none" is the same model in every process (torchrun ranks,
+        # a resumed job, a validation run) without touching the caller's random state.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(RANDOM_INIT_SEED)
+            model = oc.create_model(name, pretrained=None, device=device, load_weights=False)
         _check_vit(model, name)
         if is_file:
             path = Path(pretrained)

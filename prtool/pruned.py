@@ -132,22 +132,29 @@ class PrunedVisionTransformer(nn.Module):
             x = blk(x)
         return x
 
-    def select(self, x: torch.Tensor, block_index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """First stage: score, TopK(k1, sorted) and gather. Returns ``(x, kept_idx [B, k1])``."""
+    def select(self, x: torch.Tensor, block_index: int,
+               patch_scores: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """First stage: score, TopK(k1, sorted) and gather. Returns ``(x, kept_idx [B, k1])``.
+
+        ``patch_scores`` ``[B, N]`` overrides the scorer (the golden-ranking oracle in evaluation).
+        """
         p = self.num_prefix
         k1 = self._stage_keep[block_index]
-        scores = self.scorer(x, p, self.transformer.resblocks[block_index])
+        if patch_scores is None:
+            scores = self.scorer(x, p, self.transformer.resblocks[block_index])
+        else:
+            scores = patch_scores.to(x.dtype)
         idx = torch.topk(scores, k1, dim=1, largest=True, sorted=True).indices
         return torch.cat([x[:, :p], gather_tokens(x[:, p:], idx, self.gather)], dim=1), idx
 
-    def forward(self, pixels: torch.Tensor):
+    def forward(self, pixels: torch.Tensor, patch_scores: torch.Tensor | None = None):
         x = self.embed(pixels)
         p = self.num_prefix
         kept = None
         for i, blk in enumerate(self.transformer.resblocks):
             if i in self._stage_keep:
                 if kept is None:
-                    x, kept = self.select(x, i)
+                    x, kept = self.select(x, i, patch_scores)
                 else:
                     x = x[:, : p + self._stage_keep[i]]
             x = blk(x)

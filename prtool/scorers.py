@@ -89,4 +89,18 @@ class RandomScorer(PatchScorer):
         return torch.rand(x.shape[0], n, generator=self._gen).to(x.device)
 
 
-SCORERS = ("predictor", "cls-attn", "random")
+class GoldenScorer(PatchScorer):
+    """The golden-ranking oracle: scores come from a rankings store, per image, at evaluation time.
+
+    The encoder receives them as ``forward(pixels, patch_scores=...)``; called without them it fails.
+    """
+
+    name = "golden"
+    exportable = False
+    why_not_exportable = "the golden ranking is an oracle computed per image offline; export a trained predictor"
+
+    def forward(self, x, num_prefix, block):
+        raise PrtoolError("the golden scorer needs per-image rankings (prtool eval --scorer golden --rankings DIR)")
+
+
+SCORERS = ("predictor", "cls-attn", "random", "golden")

@@ -37,21 +37,24 @@ def topk_correct(logits: np.ndarray, labels: np.ndarray, ks=(1, 5)) -> dict[int,
     return {k: int((order[:, :k] == labels[:, None]).any(1).sum()) for k in ks if k <= logits.shape[1]}
 
 
-def evaluate_embeddings(embed: Callable[[torch.Tensor], np.ndarray], batches: Iterable, class_emb: torch.Tensor,
-                        reference: Callable[[torch.Tensor], np.ndarray] | None = None) -> dict:
-    """Top-1/top-5 of ``embed`` over ``(pixels, labels)`` batches; with ``reference``, also the mean
-    cosine to the reference embeddings and agreement of top-1 predictions."""
+Embedder = Callable[[torch.Tensor, list], np.ndarray]
+
+
+def evaluate_embeddings(embed: Embedder, batches: Iterable, class_emb: torch.Tensor,
+                        reference: Embedder | None = None) -> dict:
+    """Top-1/top-5 of ``embed(pixels, rows)`` over ``(pixels, labels, rows)`` batches; with
+    ``reference``, also the mean cosine to the reference embeddings and top-1 agreement."""
     w = class_emb.numpy().astype(np.float32)
     correct = {1: 0, 5: 0}
     n, cos_sum, agree = 0, 0.0, 0
-    for pixels, labels in batches:
-        e = embed(pixels)
+    for pixels, labels, rows in batches:
+        e = embed(pixels, rows)
         e = e / np.maximum(np.linalg.norm(e, axis=1, keepdims=True), 1e-12)
         logits = e @ w.T
         for k, c in topk_correct(logits, np.asarray(labels)).items():
             correct[k] += c
         if reference is not None:
-            r = reference(pixels)
+            r = reference(pixels, rows)
             r = r / np.maximum(np.linalg.norm(r, axis=1, keepdims=True), 1e-12)
             cos_sum += float((e * r).sum(1).sum())
             agree += int((logits.argmax(1) == (r @ w.T).argmax(1)).sum())
@@ -65,20 +68,22 @@ def evaluate_embeddings(embed: Callable[[torch.Tensor], np.ndarray], batches: It
     return out
 
 
-def torch_embedder(module: torch.nn.Module) -> Callable[[torch.Tensor], np.ndarray]:
-    def embed(pixels: torch.Tensor) -> np.ndarray:
+def torch_embedder(module: torch.nn.Module, scores_for: Callable[[list], torch.Tensor] | None = None) -> Embedder:
+    """``module(pixels)``; with ``scores_for(rows)``, oracle patch scores are passed in too."""
+
+    def embed(pixels: torch.Tensor, rows) -> np.ndarray:
         with torch.no_grad():
-            out = module(pixels)
+            out = module(pixels) if scores_for is None else module(pixels, scores_for(rows))
         out = out[0] if isinstance(out, (tuple, list)) else out
         return out.float().numpy()
 
     return embed
 
 
-def onnx_embedder(session) -> Callable[[torch.Tensor], np.ndarray]:
+def onnx_embedder(session) -> Embedder:
     name = session.get_inputs()[0].name
 
-    def embed(pixels: torch.Tensor) -> np.ndarray:
+    def embed(pixels: torch.Tensor, rows) -> np.ndarray:
         return session.run(None, {name: pixels.numpy().astype(np.float32)})[0]
 
     return embed

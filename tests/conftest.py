@@ -51,17 +51,26 @@ def tiny_pixels():
     return torch.randn(7, 3, 64, 64, generator=g)
 
 
+LAUNCHER = (
+    "import open_clip, pathlib, sys\n"
+    f"[open_clip.add_model_config(p) for p in sorted(pathlib.Path({str(CONFIGS)!r}).glob('*.json'))]\n"
+    "from prtool.cli.app import main\n"
+    "sys.argv = ['prtool'] + sys.argv[1:]\n"
+    "main()\n"
+)
+
+
+def write_launcher(directory: Path) -> Path:
+    """A script that runs the real CLI with the tiny test configs registered (for torchrun and Popen)."""
+    path = Path(directory) / "prtool_cli.py"
+    path.write_text(LAUNCHER)
+    return path
+
+
 def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None):
-    """Run the real console entry point in a subprocess, with the tiny configs registered."""
+    """Run the real CLI in a subprocess, with the tiny configs registered."""
     import subprocess
 
-    code = (
-        "import open_clip, pathlib, sys\n"
-        f"[open_clip.add_model_config(p) for p in sorted(pathlib.Path({str(CONFIGS)!r}).glob('*.json'))]\n"
-        "from prtool.cli.app import main\n"
-        "sys.argv = ['prtool'] + sys.argv[1:]\n"
-        "main()\n"
-    )
     full_env = {**os.environ, **(env or {})}
-    return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, cwd=cwd, env=full_env,
-                          timeout=600)
+    return subprocess.run([sys.executable, "-c", LAUNCHER, *map(str, args)], capture_output=True, text=True,
+                          cwd=cwd, env=full_env, timeout=600)

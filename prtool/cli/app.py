@@ -7,7 +7,7 @@ import sys
 
 import typer
 
-from prtool.cli import demo_cmd, env_cmd, eval_cmd, export_cmd, testbed_cmd
+from prtool.cli import demo_cmd, env_cmd, eval_cmd, export_cmd, rank_cmd, testbed_cmd
 from prtool.errors import PrtoolError
 
 app = typer.Typer(
@@ -20,7 +20,10 @@ app = typer.Typer(
 )
 app.command("export")(export_cmd.export)
 app.command("inspect")(export_cmd.inspect)
+app.command("rank")(rank_cmd.rank)
+app.command("train")(rank_cmd.train)
 app.command("eval")(eval_cmd.eval_)
+app.command("show")(rank_cmd.show)
 app.command("env")(env_cmd.env)
 app.command("demo")(demo_cmd.demo)
 app.add_typer(testbed_cmd.app, name="testbed")

@@ -24,6 +24,7 @@ def eval_(
     first_block: o.FirstBlock = None,
     scorer: o.Scorer = "predictor",
     predictor: o.PredictorPath = None,
+    rankings: Annotated[Optional[Path], typer.Option("--rankings", help="Rankings store for --scorer golden (the oracle).")] = None,
     seed: o.Seed = 0,
     onnx: Annotated[Optional[Path], typer.Option("--onnx", help="Score this exported ONNX file (onnxruntime CPU) instead of PyTorch.")] = None,
     limit: o.Limit = None,
@@ -43,7 +44,8 @@ def eval_(
     loaded = load_clip(model, pretrained if pretrained is not None else ("default" if model == "testbed" else "none"))
     dataset = load_dataset(data, split, image_root, templates).limit(limit)
     spec = EncoderSpec(schedule_for(loaded, schedule, keep_ratio, stages, first_block), scorer, predictor, seed=seed)
-    result = evaluate_zero_shot(loaded, dataset, spec, onnx_path=onnx, batch_size=batch_size, skip_bad=skip_bad)
+    result = evaluate_zero_shot(loaded, dataset, spec, onnx_path=onnx, batch_size=batch_size, skip_bad=skip_bad,
+                                rankings=rankings)
     result["model"] = loaded.model_id
     emit(result, as_json, lambda r: table(
         f"zero-shot on {r['dataset']}/{r['split']} ({r['images']} images, {r['backend']})",

@@ -68,7 +68,7 @@ def data(
 def train(
     out: Annotated[Path, typer.Option("--out", "-o", help="Output checkpoint (.safetensors, fp16).")] = Path("runs/testbed/testbed.safetensors"),
     idx_dir: IdxDir = DEFAULT_IDX,
-    samples: Annotated[int, typer.Option("--samples", help="Training images seen in total.")] = 200_000,
+    samples: Annotated[int, typer.Option("--samples", help="Training images seen in total.")] = 260_000,
     batch_size: o.BatchSize = 128,
     seed: o.Seed = 0,
     no_resume: Annotated[bool, typer.Option("--no-resume", help="Start over even if a training state exists.")] = False,

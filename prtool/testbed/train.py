@@ -36,7 +36,7 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class TrainConfig:
-    samples: int = 150_000  # images seen in total (2.5 epochs of the 60k train split)
+    samples: int = 260_000  # images seen in total (4.3 epochs of the 60k train split)
     batch_size: int = 128
     lr: float = 1e-3
     weight_decay: float = 0.05

@@ -1,0 +1,147 @@
+"""``prtool build``, ``prtool validate`` and ``prtool package``: engines, checks against PyTorch, Triton."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from prtool.cli import options as o
+from prtool.cli.common import emit, print_checks, setup, table
+
+Recipe = Annotated[Optional[Path], typer.Option("--recipe", help="TOML recipe; its [build] table gives defaults for these options.")]
+
+
+def build(
+    ctx: typer.Context,
+    onnx: Annotated[Path, typer.Argument(help="The .onnx to build from (its manifest beside it is recorded).")],
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Engine path (.plan); the manifest goes beside it as .plan.json. Default: the ONNX path with .plan.")] = None,
+    precision: Annotated[Optional[str], typer.Option("--precision", help="fp32, fp16, bf16 or best (fp16+bf16, no int8). Default fp16.")] = None,
+    min_batch: Annotated[int, typer.Option("--min-batch", help="Smallest batch of the optimization profile.")] = 1,
+    opt_batch: Annotated[int, typer.Option("--opt-batch", help="Batch TensorRT tunes for.")] = 8,
+    max_batch: Annotated[int, typer.Option("--max-batch", help="Largest batch of the optimization profile.")] = 32,
+    timing_cache: Annotated[Optional[Path], typer.Option("--timing-cache", help="Timing cache file, read if present and updated.")] = None,
+    strongly_typed: Annotated[bool, typer.Option("--strongly-typed", help="Strongly typed network: precision comes from the graph's types.")] = False,
+    no_fp32_norm: Annotated[bool, typer.Option("--no-fp32-norm", help="Let LayerNorm/Softmax run in FP16/BF16 too (risks overflow).")] = False,
+    workspace: Annotated[Optional[int], typer.Option("--workspace", help="Workspace memory pool limit in MiB (default: TensorRT's).")] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Resolve and print the configuration and the trtexec command; build nothing (no TensorRT needed).")] = False,
+    recipe: Recipe = None,
+    as_json: o.Json = False,
+    quiet: o.Quiet = False,
+    verbose: o.Verbose = False,
+):
+    """Build a TensorRT engine (+ manifest) from an exported ONNX file, or print its configuration."""
+    params = dict(locals())  # before any import below, so a recipe can name only these options
+    setup(quiet, verbose)
+    from prtool.deploy.build_config import resolve_build_config, shell_command, trtexec_command
+    from prtool.deploy.engine_manifest import ENGINE_SUFFIXES, engine_manifest_path
+    from prtool.errors import PrtoolError
+    from prtool.recipes import apply_recipe
+
+    v = apply_recipe(recipe, ctx, params, section="build")
+    src = Path(v["onnx"])
+    engine = Path(v["out"]) if v["out"] else src.with_suffix(".plan")
+    if engine.suffix not in ENGINE_SUFFIXES:
+        raise PrtoolError(f"engine path {engine} must end in {' or '.join(ENGINE_SUFFIXES)}")
+    cfg = resolve_build_config(src, v["precision"], v["min_batch"], v["opt_batch"], v["max_batch"], v["strongly_typed"],
+                               not v["no_fp32_norm"], v["workspace"],
+                               Path(v["timing_cache"]) if v["timing_cache"] else None)
+    cmd = trtexec_command(cfg, engine)
+    if dry_run:
+        from prtool.onnx_graph import load_onnx, trt_readiness
+
+        result = {"dry_run": True, "engine": str(engine), "manifest": str(engine_manifest_path(engine)),
+                  "config": cfg.to_dict(), "trtexec": shell_command(cmd), "trtexec_argv": cmd,
+                  "tensorrt_readiness": trt_readiness(load_onnx(src))}
+        if quiet and not as_json:
+            print(result["trtexec"])
+            return
+
+        def human(r):
+            c = r["config"]
+            table(f"engine build for {src} (dry run)", ["setting", "value"], [
+                ("engine", r["engine"]), ("precision", c["precision"]), ("builder flags", ", ".join(c["builder_flags"]) or "-"),
+                ("TF32", c["tf32"]), ("strongly typed", c["strongly_typed"]),
+                ("LayerNorm/Softmax in FP32", c["fp32_norm"]), ("profile min", c["profile"]["min"]),
+                ("profile opt", c["profile"]["opt"]), ("profile max", c["profile"]["max"]),
+                ("workspace MiB", c["workspace_mib"]), ("timing cache", c["timing_cache"])])
+            print_checks(r["tensorrt_readiness"]["checks"], "TensorRT 10 readiness (checked without TensorRT)")
+            for note in c["notes"]:
+                print(f"note: {note}")
+            print("equivalent trtexec command:")
+            print(r["trtexec"])
+
+        emit(result, as_json, human)
+        return
+    from prtool.deploy.trt import build_engine
+
+    manifest = build_engine(cfg, engine)
+    result = {"engine": str(engine), "manifest": str(engine_manifest_path(engine)), "tensorrt": manifest["tensorrt"],
+              "gpu": manifest["gpu"], "precision": manifest["precision"], "profile": manifest["profile"],
+              "build_seconds": manifest["build"]["seconds"], "trtexec": shell_command(cmd)}
+    if quiet and not as_json:
+        print(engine)
+        return
+    emit(result, as_json, lambda r: print(
+        f"wrote {r['engine']} and {r['manifest']} (TensorRT {r['tensorrt']}, {r['gpu']['name']}, {r['precision']}, "
+        f"batch {r['profile']['min'][0]}..{r['profile']['max'][0]}, {r['build_seconds']} s)"))
+
+
+def validate(
+    artifact: Annotated[Path, typer.Argument(help="An engine (.plan/.engine, run on TensorRT) or an .onnx file.")],
+    provider: Annotated[str, typer.Option("--provider", help="For .onnx: cpu, cuda or tensorrt (onnxruntime execution provider).")] = "cpu",
+    precision: Annotated[Optional[str], typer.Option("--precision", help="For .onnx: fp32, or fp16 with --provider tensorrt. Engines use their manifest's.")] = None,
+    pretrained: o.Pretrained = None,
+    predictor: o.PredictorPath = None,
+    images: Annotated[Optional[Path], typer.Option("--images", help="Folder of real images (default: shipped testbed eval images).")] = None,
+    batch_size: o.BatchSize = 7,
+    atol: Annotated[Optional[float], typer.Option("--atol", help="Override the precision preset's absolute tolerance.")] = None,
+    rtol: Annotated[Optional[float], typer.Option("--rtol", help="Override the precision preset's relative tolerance.")] = None,
+    min_cosine: Annotated[Optional[float], typer.Option("--min-cosine", help="Override the preset's minimum cosine per image.")] = None,
+    allow_failed_validation: Annotated[bool, typer.Option("--allow-failed-validation", help="Exit 0 even if validation fails.")] = False,
+    as_json: o.Json = False,
+    quiet: o.Quiet = False,
+    verbose: o.Verbose = False,
+):
+    """Compare an engine or ONNX file with the PyTorch encoder rebuilt from its manifest, on real images."""
+    setup(quiet, verbose)
+    from prtool.deploy.verify import validate_artifact
+    from prtool.errors import ValidationError
+
+    overrides = {k: val for k, val in (("atol", atol), ("rtol", rtol), ("min_cosine", min_cosine)) if val is not None}
+    result = validate_artifact(artifact, provider, precision, pretrained, predictor, images, batch_size, overrides)
+    report = result["validation"]
+    if as_json or not quiet:
+        emit(result, as_json, lambda r: (
+            print_checks(report["checks"], f"{r['artifact']} on {r['backend']} vs PyTorch ({r['weights']}, "
+                                           f"{report['images']})"),
+            print(f"{'passed' if r['passed'] else 'FAILED'} ({r['precision']} tolerances: {report['tolerances']})")))
+    elif result["passed"]:
+        print(artifact)
+    if not result["passed"] and not allow_failed_validation:
+        failed = "; ".join(f"{c['check']}: {c['detail']}" for c in report["checks"] if not c["passed"])
+        raise ValidationError(f"{artifact} disagrees with PyTorch: {failed} (--allow-failed-validation to exit 0)")
+
+
+def package(
+    artifacts: Annotated[list[Path], typer.Argument(help="An .onnx and/or an engine (.plan), each with its manifest.")],
+    triton: Annotated[Path, typer.Option("--triton", help="Triton model repository folder to write into.")],
+    name: Annotated[Optional[str], typer.Option("--name", help="Model name (default: the file stem; _onnx/_trt appended when both are given).")] = None,
+    max_batch: Annotated[Optional[int], typer.Option("--max-batch", help="max_batch_size (default: the engine's profile max, or 32 for ONNX).")] = None,
+    as_json: o.Json = False,
+    quiet: o.Quiet = False,
+    verbose: o.Verbose = False,
+):
+    """Write a Triton model repository (config.pbtxt, 1/model.*, manifest, README) for the artifacts."""
+    setup(quiet, verbose)
+    from prtool.deploy.triton import package_triton
+
+    models = package_triton(artifacts, triton, name, max_batch)
+    if quiet and not as_json:
+        for m in models:
+            print(m["path"])
+        return
+    emit({"repository": str(triton), "models": models}, as_json, lambda r: table(
+        f"Triton repository {r['repository']}", ["model", "platform", "max batch", "inputs", "outputs"],
+        [(m["name"], m["platform"], m["max_batch_size"], m["inputs"], m["outputs"]) for m in r["models"]]))

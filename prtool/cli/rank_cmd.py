@@ -1,0 +1,125 @@
+"""``prtool rank``, ``prtool train`` and ``prtool show``: golden rankings, the predictor, pictures."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from prtool.cli import options as o
+from prtool.cli.common import emit, setup, table
+
+Rankings = Annotated[Path, typer.Option("--rankings", "-r", help="A rankings store made by `prtool rank`.")]
+
+
+def _load(model: str, pretrained: Optional[str]):
+    from prtool.models import load_clip
+
+    return load_clip(model, pretrained if pretrained is not None else ("default" if model == "testbed" else "none"))
+
+
+def rank(
+    out: Annotated[Path, typer.Option("--out", "-o", help="Store directory (resumes if it exists with the same options).")],
+    model: o.Model = "testbed",
+    pretrained: o.Pretrained = None,
+    data: o.Data = "testbed",
+    split: Annotated[str, typer.Option("--split", help="train, val or test.")] = "train",
+    image_root: o.ImageRoot = None,
+    score: Annotated[str, typer.Option("--score", help="preservation (no labels needed), label or confidence.")] = "preservation",
+    block_size: Annotated[int, typer.Option("--block-size", help="Side r of the r x r window of patches removed per variant.")] = 2,
+    stride: Annotated[int, typer.Option("--stride", help="Window stride (1: sliding, r: non-overlapping).")] = 1,
+    rank_block: Annotated[Optional[int], typer.Option("--rank-block", help="Block whose input is ranked (default: the default schedule's first stage).")] = None,
+    iters: Annotated[int, typer.Option("--iters", help="Greedy refinement iterations (1 = none).")] = 1,
+    drop_per_iter: Annotated[int, typer.Option("--drop-per-iter", help="Tokens dropped per refinement iteration (0 = N / (2 iters)).")] = 0,
+    batch_size: o.BatchSize = 64,
+    shard_size: Annotated[int, typer.Option("--shard-size", help="Images per shard (the unit of resumption).")] = 256,
+    limit: o.Limit = None,
+    skip_bad: Annotated[bool, typer.Option("--skip-bad", help="Skip unreadable images (recorded) instead of failing.")] = False,
+    one_variant_at_a_time: Annotated[bool, typer.Option("--unbatched", help="Run variants one by one (benchmark reference).")] = False,
+    as_json: o.Json = False,
+    quiet: o.Quiet = False,
+    verbose: o.Verbose = False,
+):
+    """Golden rankings of a dataset's patches (Phase I). Resumable; distributed under torchrun."""
+    setup(quiet, verbose)
+    from prtool.datasets import load_dataset
+    from prtool.jobs import default_rank_block, rank_dataset
+    from prtool.ranking import RankConfig
+
+    loaded = _load(model, pretrained)
+    dataset = load_dataset(data, split, image_root).limit(limit)
+    cfg = RankConfig(rank_block if rank_block is not None else default_rank_block(loaded), score, block_size, stride,
+                     iters, drop_per_iter, batch_size)
+    result = rank_dataset(loaded, dataset, out, cfg, shard_size, skip_bad, batched=not one_variant_at_a_time, quiet=quiet)
+    if result["rank"] != 0:
+        return
+    emit(result, as_json, lambda r: print(
+        f"ranked {r['images']} images into {r['out']} ({r['shards']} shards, {r['computed_shards']} computed now, "
+        f"{r['images_per_second']:.2f} img/s on {r['world']} process(es))"))
+
+
+def train(
+    rankings: Rankings,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Predictor checkpoint (.safetensors; config .json beside it).")] = Path("runs/predictor.safetensors"),
+    model: o.Model = "testbed",
+    pretrained: o.Pretrained = None,
+    data: o.Data = "testbed",
+    split: Annotated[str, typer.Option("--split", help="The split that was ranked.")] = "train",
+    image_root: o.ImageRoot = None,
+    epochs: Annotated[int, typer.Option("--epochs")] = 60,
+    batch_size: o.BatchSize = 64,
+    lr: Annotated[float, typer.Option("--lr")] = 1e-3,
+    weight_decay: Annotated[float, typer.Option("--weight-decay")] = 1e-4,
+    tau: Annotated[float, typer.Option("--tau", help="ListNet target temperature on z-scored importance.")] = 0.5,
+    val_fraction: Annotated[float, typer.Option("--val-fraction")] = 0.1,
+    k_final: Annotated[Optional[int], typer.Option("--k-final", help="K for match@K besides 100 (default: 60% of N).")] = None,
+    seed: o.Seed = 0,
+    as_json: o.Json = False,
+    quiet: o.Quiet = False,
+    verbose: o.Verbose = False,
+):
+    """Train the Mix-MLP ranking predictor on golden rankings (Phase II). DDP under torchrun."""
+    setup(quiet, verbose)
+    from prtool.datasets import load_dataset
+    from prtool.jobs import train_from_store
+    from prtool.predictor_train import PredictorTrainConfig
+
+    loaded = _load(model, pretrained)
+    dataset = load_dataset(data, split, image_root)
+    cfg = PredictorTrainConfig(epochs, batch_size, lr, weight_decay, tau, val_fraction, seed)
+    result = train_from_store(loaded, dataset, rankings, out, cfg, k_final, quiet=quiet)
+    emit(result, as_json, lambda r: table(f"predictor -> {r['out']} ({r['parameters']:,} parameters, "
+                                          f"{r['macs_per_image'] / 1e6:.2f} MMACs/image)", ["metric", "held-out value"],
+                                          list(r["val_metrics"].items())))
+
+
+def show(
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output PNG.")] = Path("runs/show.png"),
+    model: o.Model = "testbed",
+    pretrained: o.Pretrained = None,
+    data: o.Data = "testbed",
+    split: o.Split = "test",
+    image_root: o.ImageRoot = None,
+    rankings: Annotated[Optional[Path], typer.Option("--rankings", "-r", help="Golden rankings store for these images.")] = None,
+    predictor: o.PredictorPath = None,
+    schedule: o.Schedule = None,
+    keep_ratio: o.KeepRatio = None,
+    stages: o.Stages = 1,
+    first_block: o.FirstBlock = None,
+    count: Annotated[int, typer.Option("--count", "-n", help="Number of images.")] = 6,
+    as_json: o.Json = False,
+    quiet: o.Quiet = False,
+    verbose: o.Verbose = False,
+):
+    """Pictures: pruned patches greyed out per stage; golden vs predicted rows side by side."""
+    setup(quiet, verbose)
+    from prtool.build import schedule_for
+    from prtool.datasets import load_dataset
+    from prtool.show import render_show
+
+    loaded = _load(model, pretrained)
+    dataset = load_dataset(data, split, image_root)
+    sched = schedule_for(loaded, schedule, keep_ratio, stages, first_block)
+    result = render_show(loaded, dataset, sched, out, rankings, predictor, count)
+    emit(result, as_json, lambda r: print(f"wrote {r['out']} ({r['images']} images, rows: {', '.join(r['rows'])})"))

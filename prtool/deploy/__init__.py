@@ -1,0 +1,13 @@
+"""Deployment: TensorRT engines, GPU runners, Triton repositories, runtime compatibility.
+
+One job per module, heavy dependencies imported inside the functions that need them:
+
+- ``build_config``: the resolved engine build configuration and its ``trtexec`` command (pure).
+- ``trt``: build a TensorRT engine, run it, describe the running TensorRT/GPU (needs ``tensorrt``).
+- ``engine_manifest``: the JSON beside every engine, and the refusal of a mismatched engine.
+- ``ort_gpu``: onnxruntime sessions on CUDA/TensorRT providers that refuse a silent CPU fallback.
+- ``rebuild`` + ``verify``: rebuild the PyTorch encoder from a manifest and compare an artifact with it.
+- ``triton``: a Triton model repository from an ONNX file and/or an engine.
+- ``compat``: the runtime x export-variant compatibility matrix (``python -m prtool.deploy.compat``).
+- ``contract``: the worked numeric example of the ONNX I/O contract (``python -m prtool.deploy.contract``).
+"""

@@ -1,0 +1,237 @@
+"""The TensorRT engine build configuration, resolved from an ONNX file without TensorRT.
+
+``resolve_build_config(...)`` reads the ONNX graph (input name and static dims, the
+LayerNormalization/Softmax nodes), checks the user's choices and returns a frozen
+:class:`BuildConfig`. The same object drives the Python build (``prtool.deploy.trt``) and
+``trtexec_command`` (what ``prtool build --dry-run`` prints), so both always agree.
+
+Precision choices (TensorRT 10):
+
+- ``fp32``: FP32 only; TF32 is switched off so "fp32" means FP32 (``--noTF32``).
+- ``fp16`` / ``bf16``: the builder may pick that type in addition to FP32 (and TF32).
+- ``best``: FP16 and BF16 together (and TF32). Unlike ``trtexec --best`` it does not enable
+  INT8/FP8: prtool ships no calibration data, and quantized ViTs must be measured, not assumed.
+- ``--strongly-typed``: the graph's own types decide (``precision = "graph"``); layer precisions
+  cannot be set. prtool exports FP32 graphs, so such an engine is FP32 unless the ONNX was
+  converted to mixed precision first (e.g. with TensorRT Model Optimizer's AutoCast).
+
+With FP16/BF16 enabled and weak typing, LayerNormalization (TensorRT's normalization layer at
+opset >= 17) and Softmax run in FP32 with ``OBEY_PRECISION_CONSTRAINTS`` unless ``fp32_norm`` is
+off: FP16 LayerNorm overflows on CLIP ViTs.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from prtool.errors import PrtoolError
+
+PRECISIONS = ("fp32", "fp16", "bf16", "best")
+DEFAULT_PRECISION = "fp16"
+FP32_OPS = ("LayerNormalization", "Softmax")
+_FLOAT_TYPES = {"FLOAT": "fp32", "FLOAT16": "fp16", "BFLOAT16": "bf16", "DOUBLE": "fp64"}
+
+
+@dataclass(frozen=True)
+class Profile:
+    """One optimization profile: only the batch axis varies; ``dims`` are the static ``[C, H, W]``."""
+
+    input_name: str
+    dims: tuple[int, ...]
+    min_batch: int
+    opt_batch: int
+    max_batch: int
+
+    def shape(self, batch: int) -> tuple[int, ...]:
+        return (batch, *self.dims)
+
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        return {"min": self.shape(self.min_batch), "opt": self.shape(self.opt_batch), "max": self.shape(self.max_batch)}
+
+    def trtexec_spec(self, batch: int) -> str:
+        """``pixel_values:8x3x224x224``."""
+        return f"{self.input_name}:" + "x".join(str(d) for d in self.shape(batch))
+
+    def to_dict(self) -> dict:
+        return {"input": self.input_name, **{k: list(v) for k, v in self.shapes().items()}}
+
+
+@dataclass(frozen=True)
+class BuildConfig:
+    """Everything that decides an engine; recorded in its manifest."""
+
+    onnx: Path
+    onnx_sha256: str
+    profile: Profile
+    precision: str  # fp32 | fp16 | bf16 | best | graph (strongly typed)
+    graph_float_types: tuple[str, ...]
+    strongly_typed: bool
+    fp32_norm: bool  # effective: LayerNorm/Softmax pinned to FP32 with obeyed precision constraints
+    fp32_layer_patterns: tuple[str, ...] | None  # trtexec layer-name patterns; None = cannot be named
+    workspace_mib: int | None
+    timing_cache: Path | None
+    notes: tuple[str, ...] = field(default=())
+
+    @property
+    def enabled_types(self) -> tuple[str, ...]:
+        """Builder precision flags to set (``trt.BuilderFlag`` names)."""
+        return {"fp32": (), "fp16": ("FP16",), "bf16": ("BF16",), "best": ("FP16", "BF16"), "graph": ()}[self.precision]
+
+    @property
+    def tf32(self) -> bool:
+        """TF32 stays on (TensorRT's default) except for FP32 engines, where "fp32" means FP32."""
+        if self.precision == "graph":
+            return set(self.graph_float_types) != {"fp32"}
+        return self.precision != "fp32"
+
+    @property
+    def tolerance_key(self) -> str:
+        """Which validation preset fits this engine (``prtool.deploy.verify.PRECISION_TOLERANCES``)."""
+        if self.precision != "graph":
+            return self.precision
+        types = set(self.graph_float_types)
+        return "fp16" if "fp16" in types else ("bf16" if "bf16" in types else "fp32")
+
+    def to_dict(self) -> dict:
+        return {"onnx": str(self.onnx), "onnx_sha256": self.onnx_sha256, "profile": self.profile.to_dict(),
+                "precision": self.precision, "graph_float_types": list(self.graph_float_types),
+                "strongly_typed": self.strongly_typed, "builder_flags": list(self.enabled_types), "tf32": self.tf32,
+                "fp32_norm": self.fp32_norm, "precision_constraints": "obey" if self.fp32_norm else "none",
+                "fp32_layer_patterns": None if self.fp32_layer_patterns is None else list(self.fp32_layer_patterns),
+                "workspace_mib": self.workspace_mib,
+                "timing_cache": str(self.timing_cache) if self.timing_cache else None, "notes": list(self.notes)}
+
+
+def graph_float_types(model) -> tuple[str, ...]:
+    """Float types of the graph's initializers, inputs and outputs (``("fp32",)`` for prtool exports)."""
+    from onnx import TensorProto
+
+    codes = {t.data_type for t in model.graph.initializer}
+    codes |= {v.type.tensor_type.elem_type for v in list(model.graph.input) + list(model.graph.output)}
+    names = {TensorProto.DataType.Name(c) for c in codes if c}
+    return tuple(sorted(_FLOAT_TYPES[n] for n in names if n in _FLOAT_TYPES))
+
+
+def fp32_layer_patterns(model) -> tuple[str, ...] | None:
+    """trtexec ``--layerPrecisions`` name patterns for every LayerNormalization/Softmax node.
+
+    TensorRT's ONNX parser names each layer after its ONNX node, so a node name selects the layer.
+    Per op a single-wildcard pattern is used when it matches exactly that op's nodes (``*/Softmax``
+    for TorchScript exports, ``node_layer_norm*`` for dynamo ones), else the exact names. ``None``
+    when a node is unnamed or a name holds ``,`` or ``:`` (trtexec's separators): trtexec then cannot
+    select the layers, and only the Python build (which selects them by layer type) pins them.
+    """
+    nodes = [(n.op_type, n.name) for n in model.graph.node]
+    patterns: list[str] = []
+    for op in FP32_OPS:
+        names = [name for t, name in nodes if t == op]
+        if not names:
+            continue
+        if any(not n or "," in n or ":" in n for n in names):
+            return None
+        others = [name for t, name in nodes if t != op]
+        suffix = os.path.commonprefix([n[::-1] for n in names])[::-1]
+        prefix = os.path.commonprefix(names)
+        if suffix and not any(o.endswith(suffix) for o in others):
+            patterns.append("*" + suffix)
+        elif prefix and not any(o.startswith(prefix) for o in others):
+            patterns.append(prefix + "*")
+        else:
+            patterns.extend(names)
+    return tuple(patterns)
+
+
+def _input_profile(model, path: Path, min_batch: int, opt_batch: int, max_batch: int) -> Profile:
+    from prtool.onnx_graph import io_shapes
+
+    inputs = io_shapes(model)["inputs"]
+    if len(inputs) != 1:
+        raise PrtoolError(f"{path} has {len(inputs)} inputs ({[i['name'] for i in inputs]}): prtool builds "
+                          "single-input image encoders (pixel_values)")
+    name, shape = inputs[0]["name"], inputs[0]["shape"]
+    rest = shape[1:]
+    if not rest or not all(isinstance(d, int) and d > 0 for d in rest):
+        raise PrtoolError(f"input {name} of {path} has shape {shape}: every axis but the batch must be static; "
+                          "re-export it with `prtool export`")
+    if not 1 <= min_batch <= opt_batch <= max_batch:
+        raise PrtoolError(f"batch profile {min_batch}/{opt_batch}/{max_batch} must satisfy "
+                          "1 <= --min-batch <= --opt-batch <= --max-batch")
+    fixed = shape[0] if isinstance(shape[0], int) and shape[0] > 0 else None
+    if fixed is not None and not min_batch == opt_batch == max_batch == fixed:
+        raise PrtoolError(f"{path} fixes the batch of {name} at {fixed}: pass --min-batch/--opt-batch/--max-batch "
+                          f"{fixed}, or re-export with a dynamic batch")
+    return Profile(name, tuple(int(d) for d in rest), min_batch, opt_batch, max_batch)
+
+
+def resolve_build_config(onnx_path: Path, precision: str | None = None, min_batch: int = 1, opt_batch: int = 8,
+                         max_batch: int = 32, strongly_typed: bool = False, fp32_norm: bool = True,
+                         workspace_mib: int | None = None, timing_cache: Path | None = None) -> BuildConfig:
+    """Check the user's choices against the ONNX graph; ``precision=None`` means the default (fp16)."""
+    from prtool.models import sha256_file
+    from prtool.onnx_graph import load_onnx, op_histogram, opset_of
+
+    onnx_path = Path(onnx_path)
+    model = load_onnx(onnx_path)
+    profile = _input_profile(model, onnx_path, min_batch, opt_batch, max_batch)
+    types = graph_float_types(model)
+    notes: list[str] = []
+    if strongly_typed:
+        if precision is not None:
+            raise PrtoolError(f"--precision {precision} conflicts with --strongly-typed: a strongly typed network takes "
+                              "its precision from the graph's types; drop one of the two")
+        precision = "graph"
+    else:
+        precision = precision or DEFAULT_PRECISION
+        if precision not in PRECISIONS:
+            raise PrtoolError(f"unknown precision {precision!r}: use one of {', '.join(PRECISIONS)}")
+    if workspace_mib is not None and workspace_mib <= 0:
+        raise PrtoolError(f"--workspace {workspace_mib} must be a positive number of MiB")
+    reduced = precision in ("fp16", "bf16", "best")
+    pin = fp32_norm and reduced
+    ops = op_histogram(model)
+    if pin and "LayerNormalization" not in ops and "ReduceMean" in ops:
+        notes.append(f"opset {opset_of(model)}: LayerNorm is decomposed into primitive ops, which cannot be pinned "
+                     "to FP32; re-export at opset >= 17")
+    patterns = fp32_layer_patterns(model) if pin else ()
+    if pin and patterns is None:
+        notes.append("some LayerNorm/Softmax nodes cannot be named on trtexec's command line: the trtexec command "
+                     "leaves them to the builder; `prtool build` pins them by layer type")
+    if precision == "best":
+        notes.append("best = FP16 + BF16 (+TF32); trtexec --best would also enable INT8/FP8 without calibration")
+    if strongly_typed and types == ("fp32",):
+        notes.append("strongly typed FP32 graph: the engine runs in FP32 (convert the ONNX to mixed precision first "
+                     "for a faster strongly typed engine)")
+    return BuildConfig(onnx=onnx_path, onnx_sha256=sha256_file(onnx_path), profile=profile, precision=precision,
+                       graph_float_types=types, strongly_typed=strongly_typed, fp32_norm=pin,
+                       fp32_layer_patterns=patterns, workspace_mib=workspace_mib,
+                       timing_cache=Path(timing_cache) if timing_cache else None, notes=tuple(notes))
+
+
+def trtexec_command(cfg: BuildConfig, engine: Path) -> list[str]:
+    """The TensorRT 10 ``trtexec`` arguments that build the same engine as ``prtool build``."""
+    p = cfg.profile
+    cmd = ["trtexec", f"--onnx={cfg.onnx}", f"--saveEngine={engine}",
+           f"--minShapes={p.trtexec_spec(p.min_batch)}", f"--optShapes={p.trtexec_spec(p.opt_batch)}",
+           f"--maxShapes={p.trtexec_spec(p.max_batch)}"]
+    cmd += [f"--{t.lower()}" for t in cfg.enabled_types]
+    if not cfg.tf32:
+        cmd.append("--noTF32")
+    if cfg.strongly_typed:
+        cmd.append("--stronglyTyped")
+    if cfg.fp32_norm:
+        cmd.append("--precisionConstraints=obey")
+        if cfg.fp32_layer_patterns:
+            cmd.append("--layerPrecisions=" + ",".join(f"{n}:fp32" for n in cfg.fp32_layer_patterns))
+    if cfg.timing_cache is not None:
+        cmd.append(f"--timingCacheFile={cfg.timing_cache}")
+    if cfg.workspace_mib is not None:
+        cmd.append(f"--memPoolSize=workspace:{cfg.workspace_mib}")  # a bare number is MiB
+    cmd.append("--skipInference")
+    return cmd
+
+
+def shell_command(cmd: list[str]) -> str:
+    return shlex.join(cmd)

@@ -1,0 +1,308 @@
+"""The compatibility matrix: which runtimes run which of prtool's exports, measured, not assumed.
+
+Rows are export variants (unpruned, pruned with each gather mode; TorchScript and dynamo
+exporters), columns are runtimes (onnxruntime CPU, the ONNX reference evaluator, OpenCV DNN,
+Polygraphy's onnxrt runner, TensorRT where it exists). Every cell runs the export on real
+images (shipped testbed eval canvases) in a child process, so a runtime that crashes marks its
+cell instead of ending the run, and compares with PyTorch (FP32 tolerances).
+
+    python -m prtool.deploy.compat --out export/compat
+
+writes ``compat.json`` and ``COMPAT.md`` there (atomically). Random weights are fine here (the
+question is op support and numerics, not accuracy); the untrained predictor is saved to a file
+so the export and the PyTorch reference share its weights.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import shlex
+import signal
+import subprocess
+import sys
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+RUNTIMES = ("onnxruntime-cpu", "onnx-reference", "opencv-dnn", "polygraphy-onnxrt", "tensorrt")
+_MODULES = {"onnxruntime-cpu": "onnxruntime", "onnx-reference": "onnx", "opencv-dnn": "cv2",
+            "polygraphy-onnxrt": "polygraphy", "tensorrt": "tensorrt"}
+CELL_TIMEOUT_S = 300
+GATHER_OPS = ("TopK", "Gather", "GatherElements", "GatherND")
+
+
+@dataclass(frozen=True)
+class Variant:
+    name: str
+    pruned: bool
+    gather: str
+    exporter: str
+
+
+VARIANTS = tuple(
+    Variant(f"{'unpruned' if not pruned else 'pruned-' + gather}/{exporter}", pruned, gather, exporter)
+    for exporter in ("torchscript", "dynamo")
+    for pruned, gather in ((False, "flat"), (True, "flat"), (True, "elements"), (True, "nd"))
+)
+
+
+def runtime_version(runtime: str) -> str | None:
+    """The runtime's package version, or None when it is not installed."""
+    import importlib
+
+    try:
+        mod = importlib.import_module(_MODULES[runtime])
+    except Exception:  # missing, or present but broken (CUDA libraries): either way not runnable
+        return None
+    return getattr(mod, "__version__", "unknown")
+
+
+def run_runtime(runtime: str, onnx_path: Path, pixels: np.ndarray, workdir: Path) -> list[np.ndarray]:
+    """The graph's outputs for ``pixels`` ``[B, 3, H, W]`` float32 on ``runtime`` (in this process)."""
+    feed = {"pixel_values": pixels}
+    if runtime == "onnxruntime-cpu":
+        import onnxruntime as ort
+
+        return ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"]).run(None, feed)
+    if runtime == "onnx-reference":
+        from onnx.reference import ReferenceEvaluator
+
+        return ReferenceEvaluator(str(onnx_path)).run(None, feed)
+    if runtime == "opencv-dnn":
+        import cv2
+
+        net = cv2.dnn.readNetFromONNX(str(onnx_path))
+        net.setInput(pixels)
+        out = net.forward(net.getUnconnectedOutLayersNames())
+        return [np.asarray(o) for o in out]
+    if runtime == "polygraphy-onnxrt":
+        from polygraphy.backend.onnxrt import OnnxrtRunner, SessionFromOnnx
+
+        with OnnxrtRunner(SessionFromOnnx(str(onnx_path))) as runner:
+            out = runner.infer(feed)
+        return list(out.values())
+    if runtime == "tensorrt":
+        from prtool.deploy.build_config import resolve_build_config
+        from prtool.deploy.trt import TensorRTRunner, build_engine
+
+        plan = workdir / (onnx_path.stem + ".plan")
+        b = pixels.shape[0]
+        build_engine(resolve_build_config(onnx_path, "fp32", 1, b, b), plan)
+        return list(TensorRTRunner(plan).infer(pixels).values())
+    raise ValueError(f"unknown runtime {runtime!r}")
+
+
+def cell_main(argv: list[str]) -> int:
+    """Child-process entry: ``RUNTIME ONNX PIXELS.npy WORKDIR OUT.npz``; exit 0 (outputs saved) or 3 (error on stdout)."""
+    runtime, onnx_path, pixels_path, workdir, out = argv
+    try:
+        outputs = run_runtime(runtime, Path(onnx_path), np.load(pixels_path), Path(workdir))
+    except Exception as exc:  # any failure of the runtime is the cell's result
+        print(f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0]}")
+        return 3
+    np.savez(out, *[np.asarray(o) for o in outputs])
+    return 0
+
+
+def run_isolated(runtime: str, onnx_path: Path, pixels_path: Path, workdir: Path,
+                 timeout: float = CELL_TIMEOUT_S) -> tuple[str, object]:
+    """``("ok", outputs)``, ``("error", message)`` or ``("crash", message)`` from a child process."""
+    out = workdir / f"cell-{runtime}-{onnx_path.stem}.npz"
+    out.unlink(missing_ok=True)
+    root = str(Path(__file__).resolve().parents[2])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)}
+    code = "import sys; from prtool.deploy.compat import cell_main; sys.exit(cell_main(sys.argv[1:]))"
+    try:
+        proc = subprocess.run([sys.executable, "-c", code, runtime, str(onnx_path), str(pixels_path), str(workdir),
+                               str(out)], capture_output=True, text=True, timeout=timeout, env=env)
+    except subprocess.TimeoutExpired:
+        return "crash", f"no answer within {timeout:.0f} s (killed)"
+    if proc.returncode == 0 and out.exists():
+        with np.load(out) as z:
+            return "ok", [z[f"arr_{i}"] for i in range(len(z.files))]
+    if proc.returncode == 3:
+        return "error", proc.stdout.strip()
+    last = (proc.stderr.strip().splitlines() or [""])[-1]
+    how = f"signal {signal.Signals(-proc.returncode).name}" if proc.returncode < 0 else f"exit code {proc.returncode}"
+    return "crash", f"the process died ({how}){': ' + last[:200] if last else ''}"
+
+
+def _cell_result(status: str, payload, reference: np.ndarray) -> dict:
+    from prtool.validate import Tolerances, compare_embeddings
+
+    if status != "ok":
+        return {"status": "crash" if status == "crash" else "error", "detail": str(payload)[:300]}
+    out = payload[0]
+    if out.shape != reference.shape:
+        return {"status": "mismatch", "detail": f"output shape {list(out.shape)} != {list(reference.shape)}"}
+    m = compare_embeddings(out.astype(np.float32), reference, Tolerances())
+    return {"status": "pass" if m["within_tolerance"] else "mismatch", "max_abs": m["max_abs"],
+            "min_cosine": m["min_cosine"], "detail": f"max abs {m['max_abs']:.1e}, min cos {m['min_cosine']:.6f}"}
+
+
+def _export_variant(loaded, variant: Variant, schedule, predictor: Path, workdir: Path):
+    from prtool.build import EncoderSpec, build_pruned_encoder, schedule_for
+    from prtool.export import ExportOptions, export_onnx
+    from prtool.onnx_graph import load_onnx, op_histogram
+
+    sched = schedule if variant.pruned else schedule_for(loaded, "none")
+    spec = EncoderSpec(sched, "predictor", predictor if variant.pruned else None, variant.gather)
+    path = workdir / (variant.name.replace("/", "-") + ".onnx")
+    export_onnx(loaded, spec, path, ExportOptions(exporter=variant.exporter, validate=False))
+    ops = op_histogram(load_onnx(path))
+    encoder, _ = build_pruned_encoder(loaded, spec)
+    return path, encoder, {op: ops[op] for op in GATHER_OPS if op in ops}
+
+
+def run_compat(loaded, schedule, variants=VARIANTS, runtimes=RUNTIMES, batch: int = 2, seed: int = 0,
+               timeout: float = CELL_TIMEOUT_S, command: str = "") -> dict:
+    """Export every variant of ``loaded`` and run it on every runtime; returns the matrix as a dict.
+
+    ``command`` is the command line that regenerates the result (recorded in it).
+    """
+    import torch
+
+    from prtool.manifest import package_versions
+    from prtool.predictor import PredictorConfig, RankingPredictor, save_predictor
+    from prtool.seed import seed_everything
+    from prtool.validate import Tolerances, validation_images
+
+    versions = {r: runtime_version(r) for r in runtimes}
+    pixels, images = validation_images(None, loaded.preprocess, batch)
+    pixels = pixels.float().numpy()
+    rows, cells = [], {}
+    with tempfile.TemporaryDirectory(prefix="prtool-compat-") as tmp:
+        work = Path(tmp)
+        seed_everything(seed)
+        v = loaded.visual
+        predictor = work / "predictor.safetensors"
+        save_predictor(RankingPredictor(PredictorConfig(v.grid_size[0] * v.grid_size[1], v.class_embedding.shape[0])),
+                       predictor, {"model_id": loaded.model_id, "rank_block": schedule.first_block})
+        np.save(work / "pixels.npy", pixels)
+        for variant in variants:
+            row = {**asdict(variant)}
+            cells[variant.name] = {}
+            try:
+                path, encoder, ops = _export_variant(loaded, variant, schedule, predictor, work)
+            except Exception as exc:  # an exporter failure is a finding of the matrix, not a crash of it
+                row["export"] = f"failed: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+                rows.append(row)
+                continue
+            row.update(export="ok", ops=ops)
+            rows.append(row)
+            with torch.no_grad():
+                reference = encoder(torch.from_numpy(pixels)).numpy()
+            for runtime in runtimes:
+                if versions[runtime] is None:
+                    cells[variant.name][runtime] = {"status": "not run", "detail": f"{_MODULES[runtime]} is not installed here"}
+                    continue
+                if runtime == "tensorrt" and not torch.cuda.is_available():
+                    cells[variant.name][runtime] = {"status": "not run", "detail": "no CUDA GPU here"}
+                    continue
+                status, payload = run_isolated(runtime, path, work / "pixels.npy", work, timeout)
+                cells[variant.name][runtime] = _cell_result(status, payload, reference)
+    tol = Tolerances()
+    return {"command": command, "model": loaded.model_id, "schedule": schedule.to_string(), "keep": list(schedule.keep),
+            "scorer": "predictor (untrained, seeded; weights saved and shared with the PyTorch reference)",
+            "batch": batch, "images": images, "seed": seed,
+            "tolerances": {"atol": tol.atol, "rtol": tol.rtol, "min_cosine": tol.min_cosine},
+            "environment": {"python": platform.python_version(), "platform": platform.platform(),
+                            "packages": package_versions()},
+            "runtimes": {r: {"package": _MODULES[r], "version": versions[r]} for r in runtimes},
+            "variants": rows, "cells": cells}
+
+
+_MARK = {"pass": "pass", "mismatch": "MISMATCH", "error": "FAIL", "crash": "CRASH", "not run": "not run"}
+
+
+def matrix_markdown(result: dict) -> str:
+    """``COMPAT.md``: the matrix, its setup, and every failure's message."""
+    runtimes = list(result["runtimes"])
+    head = [f"{r} {result['runtimes'][r]['version'] or '(not installed)'}" for r in runtimes]
+    lines = ["# Runtime compatibility of prtool's ONNX exports", "",
+             f"Generated by `{result['command']}`; do not edit by hand.", "",
+             f"- model: `{result['model']['model']}` (weights: {result['model']['pretrained']}), "
+             f"schedule `{result['schedule']}` (keep {result['keep']}), scorer: {result['scorer']}",
+             f"- inputs: {result['images']}, batch {result['batch']}; each cell runs in its own process and is "
+             f"compared with PyTorch FP32 (atol {result['tolerances']['atol']}, rtol {result['tolerances']['rtol']}, "
+             f"min cosine {result['tolerances']['min_cosine']})",
+             f"- machine: Python {result['environment']['python']}, {result['environment']['platform']}",
+             "- `pass`: ran and matched; `MISMATCH`: ran, outside tolerance; `FAIL`: raised; `CRASH`: the process "
+             "died or hung; `not run`: runtime absent here", "",
+             "| variant | TopK/gather ops | " + " | ".join(head) + " |",
+             "|---|---|" + "---|" * len(runtimes)]
+    for row in result["variants"]:
+        ops = ", ".join(f"{k} x{v}" for k, v in row.get("ops", {}).items()) or "-"
+        if row["export"] != "ok":
+            lines.append(f"| {row['name']} | export {row['export']} |" + " - |" * len(runtimes))
+            continue
+        cell = result["cells"][row["name"]]
+        marks = [_MARK[cell[r]["status"]] + (f" ({cell[r]['max_abs']:.0e})" if "max_abs" in cell[r] else "")
+                 for r in runtimes]
+        lines.append(f"| {row['name']} | {ops} | " + " | ".join(marks) + " |")
+    failures = [(v, r, c) for v, row in result["cells"].items() for r, c in row.items()
+                if c["status"] not in ("pass", "not run")]
+    lines += ["", "Numbers in parentheses: max abs difference of `image_embeds` from PyTorch.", ""]
+    if failures:
+        lines += ["## Failures", ""] + [f"- {v} on {r}: {c['status']}: {c['detail']}" for v, r, c in failures] + [""]
+    skipped = sorted({(r, c["detail"]) for row in result["cells"].values() for r, c in row.items()
+                      if c["status"] == "not run"})
+    if skipped:
+        lines += ["## Not run", ""] + [f"- {r}: {d}" for r, d in skipped] + [""]
+    return "\n".join(lines)
+
+
+def write_matrix(result: dict, out_dir: Path) -> tuple[Path, Path]:
+    """Write ``compat.json`` and ``COMPAT.md`` into ``out_dir`` atomically."""
+    from prtool.manifest import write_json_atomic
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    js, md = out_dir / "compat.json", out_dir / "COMPAT.md"
+    write_json_atomic(js, result)
+    tmp = md.with_name(f".{md.name}.tmp")
+    tmp.write_text(matrix_markdown(result))
+    tmp.replace(md)
+    return js, md
+
+
+def main(argv: list[str] | None = None) -> int:
+    from prtool.build import schedule_for
+    from prtool.errors import PrtoolError
+    from prtool.models import load_clip
+    from prtool.seed import seed_everything
+
+    ap = argparse.ArgumentParser(prog="python -m prtool.deploy.compat", description=__doc__.split("\n")[0])
+    ap.add_argument("--out", type=Path, default=Path("export/compat"), help="folder for compat.json and COMPAT.md")
+    ap.add_argument("--model", default="testbed", help="model to export (default: the testbed, 196 patches)")
+    ap.add_argument("--pretrained", default="none", help="weights (default: seeded random weights)")
+    ap.add_argument("--keep-ratio", type=float, default=0.6, help="pruned variants keep this fraction of patches")
+    ap.add_argument("--stages", type=int, default=4, help="pruning stages of the pruned variants")
+    ap.add_argument("--runtimes", default=",".join(RUNTIMES), help=f"comma-separated subset of {','.join(RUNTIMES)}")
+    ap.add_argument("--batch", type=int, default=2, help="images per run (>= 2 exercises batching)")
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args(argv)
+    try:
+        runtimes = tuple(r for r in args.runtimes.split(",") if r)
+        unknown = sorted(set(runtimes) - set(RUNTIMES))
+        if unknown:
+            raise PrtoolError(f"unknown runtimes {unknown}: choose from {', '.join(RUNTIMES)}")
+        seed_everything(args.seed)
+        loaded = load_clip(args.model, args.pretrained)
+        schedule = schedule_for(loaded, keep_ratio=args.keep_ratio, stages=args.stages)
+        command = shlex.join(["python", "-m", "prtool.deploy.compat", *(sys.argv[1:] if argv is None else argv)])
+        result = run_compat(loaded, schedule, runtimes=runtimes, batch=args.batch, seed=args.seed, command=command)
+    except PrtoolError as exc:
+        print(f"prtool: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    for path in write_matrix(result, args.out):
+        print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,98 @@
+"""onnxruntime on the CPU, CUDA or TensorRT execution provider, refusing a silent CPU fallback.
+
+onnxruntime-gpu quietly drops to ``CPUExecutionProvider`` when the CUDA or TensorRT libraries
+fail to load: the session works, only 20x slower. :func:`check_providers` compares the providers
+the session actually got (``session.get_providers()``) with the one requested and raises a
+:class:`PrtoolError` naming both; it needs only an object with ``get_providers()``, so the check
+is tested on CPU with a fake session.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from prtool.errors import PrtoolError, require
+
+PROVIDERS = {
+    "cpu": ("CPUExecutionProvider",),
+    "cuda": ("CUDAExecutionProvider", "CPUExecutionProvider"),
+    "tensorrt": ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"),
+}
+# Precisions each provider can run prtool's FP32 graphs at (bf16 engines: `prtool build`).
+PROVIDER_PRECISIONS = {"cpu": ("fp32",), "cuda": ("fp32",), "tensorrt": ("fp32", "fp16")}
+FALLBACK_HINT = ("install onnxruntime-gpu built for your CUDA and cuDNN (pip uninstall onnxruntime; "
+                 "pip install 'prtool[gpu]'), check `prtool env`, and LD_LIBRARY_PATH for TensorRT's libraries")
+
+
+def check_providers(provider: str, session) -> list[str]:
+    """The session's providers; raises when the requested one is missing (a silent fallback)."""
+    want = PROVIDERS[provider][0]
+    active = list(session.get_providers())
+    if want not in active:
+        raise PrtoolError(f"onnxruntime fell back from {want} to {', '.join(active) or 'nothing'}: the {provider} "
+                          f"libraries did not load; {FALLBACK_HINT}")
+    return active
+
+
+def provider_options(provider: str, precision: str = "fp32", profile=None, fp32_norm: bool = True,
+                     cache_dir: Path | None = None) -> list[dict]:
+    """Options for each entry of ``PROVIDERS[provider]``, in order.
+
+    For TensorRT: FP16 when asked, LayerNorm kept in FP32 (``trt_layer_norm_fp32_fallback``),
+    the batch-only optimization profile (``profile``: a :class:`~prtool.deploy.build_config.Profile`),
+    and engine/timing caches under ``cache_dir`` (building an engine takes minutes).
+    """
+    if precision not in PROVIDER_PRECISIONS[provider]:
+        raise PrtoolError(f"the {provider} provider runs prtool's graphs at {'/'.join(PROVIDER_PRECISIONS[provider])}, "
+                          f"not {precision}: build a TensorRT engine with `prtool build --precision {precision}`")
+    opts: list[dict] = [{} for _ in PROVIDERS[provider]]
+    if provider == "tensorrt":
+        trt = {"trt_fp16_enable": precision == "fp16",
+               "trt_layer_norm_fp32_fallback": precision == "fp16" and fp32_norm}
+        if profile is not None:
+            trt.update({"trt_profile_min_shapes": profile.trtexec_spec(profile.min_batch),
+                        "trt_profile_opt_shapes": profile.trtexec_spec(profile.opt_batch),
+                        "trt_profile_max_shapes": profile.trtexec_spec(profile.max_batch)})
+        if cache_dir is not None:
+            trt.update({"trt_engine_cache_enable": True, "trt_engine_cache_path": str(cache_dir),
+                        "trt_timing_cache_enable": True, "trt_timing_cache_path": str(cache_dir)})
+        opts[0] = trt
+    return opts
+
+
+def create_session(path: Path, provider: str = "cpu", precision: str = "fp32", profile=None, fp32_norm: bool = True,
+                   cache_dir: Path | None = None):
+    """An ``InferenceSession`` on ``provider`` (cpu, cuda, tensorrt), checked for a silent fallback."""
+    ort = require("onnxruntime", "gpu" if provider != "cpu" else None, f"running ONNX on {provider}")
+    if provider not in PROVIDERS:
+        raise PrtoolError(f"unknown provider {provider!r}: use one of {', '.join(PROVIDERS)}")
+    want = PROVIDERS[provider][0]
+    available = ort.get_available_providers()
+    if want not in available:
+        raise PrtoolError(f"{want} is not in this onnxruntime build (it has {', '.join(available)}): {FALLBACK_HINT}")
+    opts = provider_options(provider, precision, profile, fp32_norm, cache_dir)
+    if cache_dir is not None:
+        Path(cache_dir).mkdir(parents=True, exist_ok=True)
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    session = ort.InferenceSession(str(path), so, providers=list(zip(PROVIDERS[provider], opts)))
+    check_providers(provider, session)
+    return session
+
+
+class OrtRunner:
+    """``infer(pixels [B, 3, H, W]) -> {output name: np.ndarray}`` on a checked session."""
+
+    def __init__(self, path: Path, provider: str = "cpu", precision: str = "fp32", profile=None,
+                 fp32_norm: bool = True, cache_dir: Path | None = None):
+        self.session = create_session(path, provider, precision, profile, fp32_norm, cache_dir)
+        self.providers = list(self.session.get_providers())
+        self.input = self.session.get_inputs()[0].name
+        self.outputs = [o.name for o in self.session.get_outputs()]
+        self.batch_range = (1, None)
+
+    def infer(self, pixels) -> dict[str, np.ndarray]:
+        x = np.ascontiguousarray(np.asarray(pixels, dtype=np.float32))
+        return dict(zip(self.outputs, self.session.run(None, {self.input: x})))

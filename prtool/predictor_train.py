@@ -1,0 +1,135 @@
+"""Phase II: train the Mix-MLP ranking predictor on golden rankings (ListNet loss).
+
+Inputs are the model's own patch tokens entering the rank block (CLIP frozen); targets are the
+stored per-token importances. Loss: ``KL(softmax(z(importance) / tau) || softmax(scores))``,
+averaged over the batch. AdamW + cosine schedule, seeded train/val split, match@K per epoch.
+Under ``torchrun`` the predictor is wrapped in DistributedDataParallel.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from prtool.predictor import PredictorConfig, RankingPredictor, save_predictor
+from prtool.progress import progress_bar
+from prtool.rank_store import RankingStore, init_distributed
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class PredictorTrainConfig:
+    epochs: int = 60
+    batch_size: int = 64
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    tau: float = 0.5
+    val_fraction: float = 0.1
+    seed: int = 0
+
+
+def listnet_loss(scores: torch.Tensor, importance: torch.Tensor, tau: float) -> torch.Tensor:
+    """``[B, N]`` predicted scores vs golden importance: mean KL(target || prediction)."""
+    z = (importance - importance.mean(1, keepdim=True)) / importance.std(1, keepdim=True).clamp_min(1e-6)
+    target = torch.softmax(z / tau, dim=1)
+    return F.kl_div(torch.log_softmax(scores, dim=1), target, reduction="batchmean")
+
+
+def match_at_k(scores: torch.Tensor, golden_rankings: torch.Tensor, k: int) -> float:
+    """Mean ``|top-k predicted ∩ top-k golden| / k``."""
+    pred = torch.topk(scores, k, dim=1).indices
+    hits = [len(set(p.tolist()) & set(g[:k].tolist())) / k for p, g in zip(pred, golden_rankings)]
+    return float(np.mean(hits))
+
+
+@torch.no_grad()
+def rank_block_tokens(encoder, dataset, rows: list[int], preprocess: dict, block: int,
+                      batch_size: int = 64) -> torch.Tensor:
+    """Patch tokens entering ``block`` for dataset rows: ``[M, N, D]`` (CLS and prompt tokens dropped)."""
+    out = []
+    for i in range(0, len(rows), batch_size):
+        pixels, _, _ = dataset.load(rows[i : i + batch_size], preprocess)
+        out.append(encoder.tokens_before(pixels, block)[:, encoder.num_prefix :].float())
+    return torch.cat(out)
+
+
+def split_rows(n: int, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    order = np.random.default_rng(seed).permutation(n)
+    n_val = max(1, int(round(n * val_fraction))) if n > 1 else 0
+    return np.sort(order[n_val:]), np.sort(order[:n_val])
+
+
+def train_predictor(tokens: torch.Tensor, store: RankingStore, cfg: PredictorTrainConfig, k_final: int,
+                    quiet: bool = False) -> tuple[RankingPredictor, dict]:
+    """Train on ``tokens`` ``[M, N, D]`` aligned with the store's rows; returns the predictor and metrics."""
+    dist = init_distributed()
+    m, n, d = tokens.shape
+    torch.manual_seed(cfg.seed)
+    predictor = RankingPredictor(PredictorConfig(n, d))
+    model = predictor
+    if dist.initialized:
+        model = torch.nn.parallel.DistributedDataParallel(predictor)
+    imp = torch.from_numpy(store.importance).float()
+    gold = torch.from_numpy(store.rankings)
+    train_rows, val_rows = split_rows(m, cfg.val_fraction, cfg.seed)
+    opt = torch.optim.AdamW(predictor.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    per_rank = train_rows[dist.rank :: dist.world]
+    steps_per_epoch = max(1, math.ceil(len(per_rank) / cfg.batch_size))
+    total = cfg.epochs * steps_per_epoch
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total) / total)))
+    gen = torch.Generator().manual_seed(cfg.seed)
+    history = []
+    ks = sorted({min(100, n), k_final})
+    with progress_bar(cfg.epochs, "train predictor", quiet=quiet) as bar:
+        for epoch in range(cfg.epochs):
+            model.train()
+            perm = train_rows[torch.randperm(len(train_rows), generator=gen).numpy()][dist.rank :: dist.world]
+            losses = []
+            for s in range(steps_per_epoch):
+                rows = torch.from_numpy(perm[s * cfg.batch_size : (s + 1) * cfg.batch_size])
+                if len(rows) == 0:
+                    continue
+                loss = listnet_loss(model(tokens[rows]), imp[rows], cfg.tau)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                sched.step()
+                losses.append(loss.item())
+            metrics = evaluate_predictor(predictor, tokens, imp, gold, val_rows, ks, cfg.tau)
+            metrics["train_loss"] = float(np.mean(losses)) if losses else float("nan")
+            history.append({"epoch": epoch + 1, **metrics})
+            bar.update(1, info=f"loss {metrics['train_loss']:.4f} val " +
+                       " ".join(f"match@{k} {metrics[f'match@{k}']:.3f}" for k in ks))
+    final = history[-1] if history else {}
+    return predictor.eval(), {"train_config": asdict(cfg), "train_images": int(len(train_rows)),
+                              "val_images": int(len(val_rows)), "val_metrics": final, "history": history}
+
+
+@torch.no_grad()
+def evaluate_predictor(predictor, tokens, imp, gold, rows, ks, tau) -> dict:
+    if len(rows) == 0:
+        return {f"match@{k}": float("nan") for k in ks} | {"val_loss": float("nan")}
+    predictor.eval()
+    r = torch.from_numpy(np.asarray(rows))
+    scores = predictor(tokens[r])
+    out = {f"match@{k}": match_at_k(scores, gold[r], k) for k in ks}
+    out["val_loss"] = float(listnet_loss(scores, imp[r], tau))
+    from prtool.stats import spearman
+
+    out["spearman"] = float(np.mean([spearman(s.numpy(), i.numpy()) for s, i in zip(scores, imp[r])]))
+    return out
+
+
+def save_trained(predictor: RankingPredictor, out: Path, store: RankingStore, metrics: dict) -> None:
+    idx = store.index
+    meta = {"model_id": idx["model_id"], "rank_block": idx["rank_block"], "rankings": {
+        k: idx[k] for k in ("score", "block_size", "stride", "iters", "dataset_fingerprint", "num_images")},
+        "macs_per_image": predictor.macs(), "parameters": sum(p.numel() for p in predictor.parameters()), **metrics}
+    save_predictor(predictor, out, meta)
