@@ -27,8 +27,7 @@ demo: install
 	$(VENV)/bin/prtool demo --out runs/demo
 
 bench: install
-	$(VENV)/bin/prtool demo --out runs/bench-demo --json > /dev/null
-	@echo "see benchmarks/README.md; runs/bench-demo/report.md holds the demo's latency ratio"
+	$(PY) benchmarks/run_suite.py benchmarks/suites/testbed.toml
 
 lint: install
 	$(VENV)/bin/ruff check prtool tests

@@ -10,7 +10,7 @@ from prtool.models import LoadedModel
 from prtool.predictor import PredictorConfig, RankingPredictor, check_predictor_fits, load_predictor
 from prtool.pruned import PrunedVisionTransformer
 from prtool.schedule import Schedule, resolve_schedule
-from prtool.scorers import ClsAttentionScorer, GoldenScorer, PatchScorer, PredictorScorer, RandomScorer
+from prtool.scorers import BrightnessScorer, ClsAttentionScorer, GoldenScorer, PatchScorer, PredictorScorer, RandomScorer
 
 
 @dataclass
@@ -60,11 +60,21 @@ def make_scorer(loaded: LoadedModel, spec: EncoderSpec) -> tuple[PatchScorer | N
         return RandomScorer(spec.seed), None
     if spec.scorer == "golden":
         return GoldenScorer(), None
-    raise PrtoolError(f"unknown scorer {spec.scorer!r}: use predictor, cls-attn, random or golden")
+    if spec.scorer == "brightness":
+        return BrightnessScorer(), None
+    raise PrtoolError(f"unknown scorer {spec.scorer!r}: use predictor, cls-attn, evit, tome, random, golden or brightness")
 
 
 def build_pruned_encoder(loaded: LoadedModel, spec: EncoderSpec, normalize: bool = True,
                          return_indices: bool = False, visual_prompts=None) -> tuple[PrunedVisionTransformer, dict | None]:
+    from prtool.peers import PEERS
+
+    if spec.scorer in PEERS and not spec.schedule.is_empty:
+        if return_indices:
+            raise PrtoolError(f"{spec.scorer} merges or fuses tokens: it has no kept_patch_indices output")
+        enc = PEERS[spec.scorer](loaded.visual, spec.schedule, gather=spec.gather, normalize=normalize,
+                                 visual_prompts=visual_prompts)
+        return enc.eval(), None
     scorer, meta = make_scorer(loaded, spec)
     enc = PrunedVisionTransformer(loaded.visual, spec.schedule, scorer, gather=spec.gather, normalize=normalize,
                                   return_indices=return_indices, visual_prompts=visual_prompts)

@@ -46,7 +46,7 @@ def golden_scores_for(dataset: ImageDataset, rankings: Path, loaded: LoadedModel
     n = store.rankings.shape[1]
     position_score = torch.arange(n, 0, -1, dtype=torch.float32)  # first in the ranking -> highest score
 
-    def scores_for(rows) -> torch.Tensor:
+    def scores_for(pixels, rows) -> torch.Tensor:
         out = torch.empty(len(rows), n)
         for j, r in enumerate(rows):
             sid = dataset.sample_id(r)
@@ -54,6 +54,20 @@ def golden_scores_for(dataset: ImageDataset, rankings: Path, loaded: LoadedModel
                 raise PrtoolError(f"rankings {rankings} have no ranking for {sid}: rank this dataset/split first")
             out[j, torch.from_numpy(store.rankings[where[sid]])] = position_score
         return out
+
+    return scores_for
+
+
+def brightness_scores_for(loaded: LoadedModel):
+    """``(pixels, rows) -> [b, N]``: mean intensity of each patch (a naive saliency heuristic)."""
+    pre = loaded.preprocess
+    mean = torch.tensor(pre["mean"]).view(1, 3, 1, 1)
+    std = torch.tensor(pre["std"]).view(1, 3, 1, 1)
+    patch = loaded.visual.conv1.kernel_size[0]
+
+    def scores_for(pixels, rows) -> torch.Tensor:
+        raw = (pixels * std + mean).mean(1, keepdim=True)  # [b, 1, H, W] in 0..1
+        return torch.nn.functional.avg_pool2d(raw, patch).flatten(1)
 
     return scores_for
 
@@ -88,6 +102,8 @@ def evaluate_zero_shot(loaded: LoadedModel, dataset: ImageDataset, spec: Encoder
             if rankings is None:
                 raise PrtoolError("--scorer golden needs --rankings DIR (a store made by `prtool rank`)")
             scores_for = golden_scores_for(dataset, rankings, loaded, spec.schedule.first_block)
+        elif spec.scorer == "brightness" and not spec.schedule.is_empty:
+            scores_for = brightness_scores_for(loaded)
         embed = torch_embedder(encoder, scores_for)
         backend = "torch"
     reference = torch_embedder(baseline) if compare_unpruned and not spec.schedule.is_empty else None

@@ -151,7 +151,7 @@ def export_onnx(loaded: LoadedModel, spec: EncoderSpec, out: Path, options: Expo
         report = None
         if options.validate:
             report = validate_onnx(tmp_onnx, encoder, options.images, batch_size=options.batch_size,
-                                   tolerances=options.tolerances, expected_topk=0 if spec.schedule.is_empty else 1,
+                                   tolerances=options.tolerances, expected_topk=encoder.expected_topk_nodes,
                                    preprocess=loaded.preprocess)
             if not report.passed and not options.allow_failed_validation:
                 raise ValidationError(f"validation of the export failed: {report.failure_summary()} "

@@ -67,6 +67,8 @@ class PrunedVisionTransformer(nn.Module):
     ``visual_prompts`` ``[P, D]`` are extra protected tokens inserted after CLS.
     """
 
+    needs_scorer = True  # peer methods (prtool.peers) reduce tokens themselves
+
     def __init__(self, visual: nn.Module, schedule: Schedule, scorer: PatchScorer | None = None,
                  gather: str = "flat", normalize: bool = False, return_indices: bool = False,
                  visual_prompts: torch.Tensor | None = None):
@@ -82,7 +84,7 @@ class PrunedVisionTransformer(nn.Module):
                 f"schedule made for {schedule.num_patches} patches / {schedule.depth} blocks, but the model has "
                 f"{num_patches} patches / {depth} blocks"
             )
-        if not schedule.is_empty and scorer is None:
+        if not schedule.is_empty and scorer is None and self.needs_scorer:
             raise PrtoolError("a pruning schedule needs a scorer (--scorer predictor|cls-attn)")
         if return_indices and schedule.is_empty:
             raise PrtoolError("--with-kept-indices needs a pruning schedule: the unpruned model keeps every patch")
@@ -105,6 +107,11 @@ class PrunedVisionTransformer(nn.Module):
         else:
             self.visual_prompts = None
         self._stage_keep = dict(zip(schedule.blocks, schedule.keep))
+
+    @property
+    def expected_topk_nodes(self) -> int:
+        """TopK nodes the exported graph must hold: one at the first stage, none unpruned."""
+        return 0 if self.schedule.is_empty else 1
 
     @property
     def num_prefix(self) -> int:

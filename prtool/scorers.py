@@ -103,4 +103,14 @@ class GoldenScorer(PatchScorer):
         raise PrtoolError("the golden scorer needs per-image rankings (prtool eval --scorer golden --rankings DIR)")
 
 
-SCORERS = ("predictor", "cls-attn", "random", "golden")
+class BrightnessScorer(GoldenScorer):
+    """Keep the brightest patches: a pixel-level heuristic the testbed must defeat (evaluation only)."""
+
+    name = "brightness"
+    why_not_exportable = "brightness is an evaluation heuristic computed from pixels, not a deployable scorer"
+
+    def forward(self, x, num_prefix, block):
+        raise PrtoolError("the brightness heuristic is computed from pixels in evaluation (prtool eval --scorer brightness)")
+
+
+SCORERS = ("predictor", "cls-attn", "random", "golden", "brightness")

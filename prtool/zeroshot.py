@@ -68,12 +68,12 @@ def evaluate_embeddings(embed: Embedder, batches: Iterable, class_emb: torch.Ten
     return out
 
 
-def torch_embedder(module: torch.nn.Module, scores_for: Callable[[list], torch.Tensor] | None = None) -> Embedder:
-    """``module(pixels)``; with ``scores_for(rows)``, oracle patch scores are passed in too."""
+def torch_embedder(module: torch.nn.Module, scores_for: Callable[[torch.Tensor, list], torch.Tensor] | None = None) -> Embedder:
+    """``module(pixels)``; with ``scores_for(pixels, rows)``, oracle patch scores are passed in too."""
 
     def embed(pixels: torch.Tensor, rows) -> np.ndarray:
         with torch.no_grad():
-            out = module(pixels) if scores_for is None else module(pixels, scores_for(rows))
+            out = module(pixels) if scores_for is None else module(pixels, scores_for(pixels, rows))
         out = out[0] if isinstance(out, (tuple, list)) else out
         return out.float().numpy()
 

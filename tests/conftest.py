@@ -74,3 +74,11 @@ def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None):
     full_env = {**os.environ, **(env or {})}
     return subprocess.run([sys.executable, "-c", LAUNCHER, *map(str, args)], capture_output=True, text=True,
                           cwd=cwd, env=full_env, timeout=600)
+
+
+@pytest.fixture(scope="session")
+def tiny_testbed_like():
+    """The testbed architecture with random weights (fast to build; no checkpoint needed)."""
+    from prtool.models import load_clip
+
+    return load_clip("testbed", "none")

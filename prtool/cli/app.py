@@ -7,7 +7,7 @@ import sys
 
 import typer
 
-from prtool.cli import demo_cmd, env_cmd, eval_cmd, export_cmd, rank_cmd, testbed_cmd
+from prtool.cli import bench_cmd, demo_cmd, env_cmd, eval_cmd, export_cmd, rank_cmd, testbed_cmd
 from prtool.errors import PrtoolError
 
 app = typer.Typer(
@@ -27,6 +27,7 @@ app.command("show")(rank_cmd.show)
 app.command("env")(env_cmd.env)
 app.command("demo")(demo_cmd.demo)
 app.add_typer(testbed_cmd.app, name="testbed")
+app.add_typer(bench_cmd.app, name="bench")
 
 
 def main() -> None:

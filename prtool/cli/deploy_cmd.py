@@ -3,28 +3,28 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
 from prtool.cli import options as o
 from prtool.cli.common import emit, print_checks, setup, table
 
-Recipe = Annotated[Optional[Path], typer.Option("--recipe", help="TOML recipe; its [build] table gives defaults for these options.")]
+Recipe = Annotated[Path | None, typer.Option("--recipe", help="TOML recipe; its [build] table gives defaults for these options.")]
 
 
 def build(
     ctx: typer.Context,
     onnx: Annotated[Path, typer.Argument(help="The .onnx to build from (its manifest beside it is recorded).")],
-    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Engine path (.plan); the manifest goes beside it as .plan.json. Default: the ONNX path with .plan.")] = None,
-    precision: Annotated[Optional[str], typer.Option("--precision", help="fp32, fp16, bf16 or best (fp16+bf16, no int8). Default fp16.")] = None,
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="Engine path (.plan); the manifest goes beside it as .plan.json. Default: the ONNX path with .plan.")] = None,
+    precision: Annotated[str | None, typer.Option("--precision", help="fp32, fp16, bf16 or best (fp16+bf16, no int8). Default fp16.")] = None,
     min_batch: Annotated[int, typer.Option("--min-batch", help="Smallest batch of the optimization profile.")] = 1,
     opt_batch: Annotated[int, typer.Option("--opt-batch", help="Batch TensorRT tunes for.")] = 8,
     max_batch: Annotated[int, typer.Option("--max-batch", help="Largest batch of the optimization profile.")] = 32,
-    timing_cache: Annotated[Optional[Path], typer.Option("--timing-cache", help="Timing cache file, read if present and updated.")] = None,
+    timing_cache: Annotated[Path | None, typer.Option("--timing-cache", help="Timing cache file, read if present and updated.")] = None,
     strongly_typed: Annotated[bool, typer.Option("--strongly-typed", help="Strongly typed network: precision comes from the graph's types.")] = False,
     no_fp32_norm: Annotated[bool, typer.Option("--no-fp32-norm", help="Let LayerNorm/Softmax run in FP16/BF16 too (risks overflow).")] = False,
-    workspace: Annotated[Optional[int], typer.Option("--workspace", help="Workspace memory pool limit in MiB (default: TensorRT's).")] = None,
+    workspace: Annotated[int | None, typer.Option("--workspace", help="Workspace memory pool limit in MiB (default: TensorRT's).")] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Resolve and print the configuration and the trtexec command; build nothing (no TensorRT needed).")] = False,
     recipe: Recipe = None,
     as_json: o.Json = False,
@@ -91,14 +91,14 @@ def build(
 def validate(
     artifact: Annotated[Path, typer.Argument(help="An engine (.plan/.engine, run on TensorRT) or an .onnx file.")],
     provider: Annotated[str, typer.Option("--provider", help="For .onnx: cpu, cuda or tensorrt (onnxruntime execution provider).")] = "cpu",
-    precision: Annotated[Optional[str], typer.Option("--precision", help="For .onnx: fp32, or fp16 with --provider tensorrt. Engines use their manifest's.")] = None,
+    precision: Annotated[str | None, typer.Option("--precision", help="For .onnx: fp32, or fp16 with --provider tensorrt. Engines use their manifest's.")] = None,
     pretrained: o.Pretrained = None,
     predictor: o.PredictorPath = None,
-    images: Annotated[Optional[Path], typer.Option("--images", help="Folder of real images (default: shipped testbed eval images).")] = None,
+    images: Annotated[Path | None, typer.Option("--images", help="Folder of real images (default: shipped testbed eval images).")] = None,
     batch_size: o.BatchSize = 7,
-    atol: Annotated[Optional[float], typer.Option("--atol", help="Override the precision preset's absolute tolerance.")] = None,
-    rtol: Annotated[Optional[float], typer.Option("--rtol", help="Override the precision preset's relative tolerance.")] = None,
-    min_cosine: Annotated[Optional[float], typer.Option("--min-cosine", help="Override the preset's minimum cosine per image.")] = None,
+    atol: Annotated[float | None, typer.Option("--atol", help="Override the precision preset's absolute tolerance.")] = None,
+    rtol: Annotated[float | None, typer.Option("--rtol", help="Override the precision preset's relative tolerance.")] = None,
+    min_cosine: Annotated[float | None, typer.Option("--min-cosine", help="Override the preset's minimum cosine per image.")] = None,
     allow_failed_validation: Annotated[bool, typer.Option("--allow-failed-validation", help="Exit 0 even if validation fails.")] = False,
     as_json: o.Json = False,
     quiet: o.Quiet = False,
@@ -127,8 +127,8 @@ def validate(
 def package(
     artifacts: Annotated[list[Path], typer.Argument(help="An .onnx and/or an engine (.plan), each with its manifest.")],
     triton: Annotated[Path, typer.Option("--triton", help="Triton model repository folder to write into.")],
-    name: Annotated[Optional[str], typer.Option("--name", help="Model name (default: the file stem; _onnx/_trt appended when both are given).")] = None,
-    max_batch: Annotated[Optional[int], typer.Option("--max-batch", help="max_batch_size (default: the engine's profile max, or 32 for ONNX).")] = None,
+    name: Annotated[str | None, typer.Option("--name", help="Model name (default: the file stem; _onnx/_trt appended when both are given).")] = None,
+    max_batch: Annotated[int | None, typer.Option("--max-batch", help="max_batch_size (default: the engine's profile max, or 32 for ONNX).")] = None,
     as_json: o.Json = False,
     quiet: o.Quiet = False,
     verbose: o.Verbose = False,

@@ -16,7 +16,7 @@ Schedule = Annotated[Optional[str], typer.Option("--schedule", "-s", help="Stage
 KeepRatio = Annotated[Optional[float], typer.Option("--keep-ratio", help="Derive a schedule keeping this fraction of patches (with --stages).")]
 Stages = Annotated[int, typer.Option("--stages", help="Number of stages for --keep-ratio.")]
 FirstBlock = Annotated[Optional[int], typer.Option("--first-block", help="First stage block for --keep-ratio (default: about a third of the depth).")]
-Scorer = Annotated[str, typer.Option("--scorer", help="Who ranks patches at the first stage: predictor, cls-attn (random, golden: eval only).")]
+Scorer = Annotated[str, typer.Option("--scorer", help="Who ranks patches at the first stage: predictor, cls-attn (random, golden, brightness: eval only).")]
 PredictorPath = Annotated[Optional[Path], typer.Option("--predictor", help="Trained predictor (.safetensors from `prtool train`).")]
 Data = Annotated[str, typer.Option("--data", "-d", help="'testbed', a class-folder directory, a .csv manifest or a CoOp split .json.")]
 Split = Annotated[str, typer.Option("--split", help="train, val or test.")]

@@ -96,8 +96,9 @@ def example_markdown(ex: dict) -> str:
               "| channel | values |", "|---|---|"]
     lines += [f"| {c} | {', '.join(f'{v:.7g}' for v in vals)} |" for c, vals in px["first4_per_channel_row0"].items()]
     u, p = ex["unpruned"], ex["pruned"]
-    lines += ["", f"Sum of all `pixel_values`: {px['sum']}; sha256 of the float32 little-endian bytes: "
-                  f"`{px['sha256_float32_le']}`.", "",
+    lines += ["", f"Sum of all `pixel_values`: {px['sum']}; sha256 of their float32 little-endian bytes: "
+                  f"`{px['sha256_float32_le']}` (each step of step 4 rounded to float32, as prtool does; "
+                  "computing in double and rounding once differs by up to 2.4e-7 in most values).", "",
               f"`image_embeds` ({u['dim']} values, L2-normalized), first 8:", "",
               "| encoder | first 8 values |", "|---|---|",
               f"| unpruned | {', '.join(f'{v:.7g}' for v in u['first8'])} |",

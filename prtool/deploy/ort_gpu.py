@@ -77,7 +77,7 @@ def create_session(path: Path, provider: str = "cpu", precision: str = "fp32", p
         Path(cache_dir).mkdir(parents=True, exist_ok=True)
     so = ort.SessionOptions()
     so.log_severity_level = 3
-    session = ort.InferenceSession(str(path), so, providers=list(zip(PROVIDERS[provider], opts)))
+    session = ort.InferenceSession(str(path), so, providers=list(zip(PROVIDERS[provider], opts, strict=True)))
     check_providers(provider, session)
     return session
 
@@ -95,4 +95,4 @@ class OrtRunner:
 
     def infer(self, pixels) -> dict[str, np.ndarray]:
         x = np.ascontiguousarray(np.asarray(pixels, dtype=np.float32))
-        return dict(zip(self.outputs, self.session.run(None, {self.input: x})))
+        return dict(zip(self.outputs, self.session.run(None, {self.input: x}), strict=True))

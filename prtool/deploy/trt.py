@@ -176,10 +176,10 @@ class TensorRTRunner:
     """
 
     def __init__(self, plan: Path, device: int = 0):
-        trt = import_tensorrt()
-        torch = _cuda_torch()
         self.plan = Path(plan)
         self.manifest = read_engine_manifest(self.plan)
+        trt = import_tensorrt()
+        torch = _cuda_torch()
         check_engine_compatible(self.manifest, runtime_info(device), self.plan)
         self._logger = trt.Logger(trt.Logger.WARNING)
         self._runtime = trt.Runtime(self._logger)

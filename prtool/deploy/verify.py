@@ -61,7 +61,7 @@ def compare_runner(infer, encoder, pixels: torch.Tensor, names: list[str], toler
     if batch_one:
         cases.insert(0, ("batch 1", run(pixels[:1]), slice(0, 1)))
     for label, got, sl in cases:
-        for name, o, t in zip(names, got, ref):
+        for name, o, t in zip(names, got, ref, strict=True):
             t = t[sl]
             if o.dtype.kind == "f":
                 m = compare_embeddings(o, t, tolerances)
@@ -76,7 +76,7 @@ def compare_runner(infer, encoder, pixels: torch.Tensor, names: list[str], toler
     rev = run(pixels.flip(0))
     for i in range(b):
         alone = run(pixels[i : i + 1])
-        for a, f, r in zip(alone, full, rev):
+        for a, f, r in zip(alone, full, rev, strict=True):
             if a.dtype.kind == "f":
                 worst = max(worst, float(np.abs(a[0] - f[i]).max()), float(np.abs(r[-1 - i] - f[i]).max()))
             elif set(a[0].tolist()) != set(f[i].tolist()) or set(r[-1 - i].tolist()) != set(f[i].tolist()):

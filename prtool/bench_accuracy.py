@@ -1,0 +1,133 @@
+"""``prtool bench accuracy``: every method at the same schedule, scored alike.
+
+Methods: ``none`` (unpruned), ``patch-ranking`` (the trained predictor), ``golden`` (the oracle,
+from a rankings store of the evaluated split), ``random`` (mean over seeds), ``cls-attn``,
+``evit`` and ``tome`` (prtool.peers), ``brightness`` (a pixel heuristic). Each row reports zero-shot top-1/top-5, the mean cosine to the
+unpruned embedding, top-1 agreement with the unpruned prediction, and analytic GFLOPs.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+
+from prtool.build import EncoderSpec, build_pruned_encoder
+from prtool.errors import PrtoolError
+from prtool.evaluate import evaluate_zero_shot, text_classifier
+from prtool.flops import encoder_cost
+from prtool.schedule import Schedule
+from prtool.stats import mean_and_stderr
+
+log = logging.getLogger(__name__)
+
+METHODS = ("none", "patch-ranking", "golden", "random", "cls-attn", "evit", "tome", "brightness")
+_SCORER = {"patch-ranking": "predictor", "golden": "golden", "random": "random", "cls-attn": "cls-attn",
+           "evit": "evit", "tome": "tome", "brightness": "brightness"}
+
+
+def bench_accuracy(loaded, dataset, schedules: list[Schedule], methods: list[str], predictor: Path | None = None,
+                   rankings: Path | None = None, seeds: list[int] = (0, 1, 2), batch_size: int = 64) -> dict:
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise PrtoolError(f"unknown methods {unknown}: choose from {', '.join(METHODS)}")
+    if "patch-ranking" in methods and predictor is None:
+        raise PrtoolError("method patch-ranking needs --predictor FILE")
+    if "golden" in methods and rankings is None:
+        raise PrtoolError("method golden needs --rankings DIR (rankings of the evaluated split)")
+    class_emb = text_classifier(loaded, dataset)
+    # The unpruned row is always measured: it anchors every comparison.
+    empty = Schedule((), schedules[0].num_patches, schedules[0].depth)
+    enc, _ = build_pruned_encoder(loaded, EncoderSpec(empty))
+    baseline = evaluate_zero_shot(loaded, dataset, EncoderSpec(empty), class_emb=class_emb, batch_size=batch_size)
+    rows = [_row("none", empty, baseline, encoder_cost(enc))]
+    for sched in schedules:
+        for method in methods:
+            if method == "none":
+                continue
+            spec_seeds = seeds if method == "random" else [0]
+            results = []
+            for seed in spec_seeds:
+                spec = EncoderSpec(sched, _SCORER[method], predictor if method == "patch-ranking" else None, seed=seed)
+                log.info("%s at %s (seed %d)", method, sched.to_string(), seed)
+                results.append(evaluate_zero_shot(loaded, dataset, spec, class_emb=class_emb, batch_size=batch_size,
+                                                  rankings=rankings if method == "golden" else None))
+            enc, _ = build_pruned_encoder(loaded, EncoderSpec(sched, _SCORER[method],
+                                                              predictor if method == "patch-ranking" else None))
+            rows.append(_row(method, sched, _merge(results), encoder_cost(enc), seeds=list(spec_seeds)))
+    return {"model": loaded.model_id, "dataset": dataset.name, "split": dataset.split, "images": len(dataset),
+            "rows": rows}
+
+
+def _merge(results: list[dict]) -> dict:
+    if len(results) == 1:
+        return results[0]
+    out = dict(results[0])
+    for key in ("top1", "top5", "mean_cosine_to_reference", "top1_agreement_with_reference"):
+        vals = [r[key] for r in results if key in r]
+        if vals:
+            out[key], out[f"{key}_stderr"] = mean_and_stderr(vals)
+            out[f"{key}_per_seed"] = vals
+    return out
+
+
+def _row(method: str, sched: Schedule, res: dict, cost: dict, seeds: list[int] | None = None) -> dict:
+    return {"method": method, "schedule": sched.to_string() or "none", "keep": sched.final_keep,
+            "keep_ratio": round(sched.final_keep / sched.num_patches, 3), "top1": res["top1"], "top5": res.get("top5"),
+            "top1_stderr": res.get("top1_stderr"), "top1_per_seed": res.get("top1_per_seed"),
+            "mean_cosine": res.get("mean_cosine_to_reference", 1.0 if sched.is_empty else None),
+            "top1_agreement": res.get("top1_agreement_with_reference", 100.0 if sched.is_empty else None),
+            "gflops": cost["gflops"], "tokens_per_block": cost["tokens_per_block"], "seeds": seeds}
+
+
+def markdown_table(result: dict) -> str:
+    head = ["method", "schedule", "keep", "top-1 %", "top-5 %", "cos to unpruned", "top-1 agreement %", "GFLOPs"]
+    lines = [f"Zero-shot on {result['dataset']}/{result['split']} ({result['images']} images), model "
+             f"{result['model']['model']} ({result['model']['pretrained']}).", "",
+             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in result["rows"]:
+        top1 = f"{r['top1']:.2f}" + (f" ± {r['top1_stderr']:.2f} ({len(r['seeds'])} seeds)" if r.get("top1_stderr") is not None else "")
+        lines.append("| " + " | ".join([
+            r["method"], r["schedule"], str(r["keep"]), top1, f"{r['top5']:.2f}" if r["top5"] is not None else "-",
+            f"{r['mean_cosine']:.4f}" if r["mean_cosine"] is not None else "-",
+            f"{r['top1_agreement']:.1f}" if r["top1_agreement"] is not None else "-", f"{r['gflops']:.3f}"]) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_accuracy_vs_flops(result: dict, path: Path) -> None:
+    """The paper's Figure-1 style: top-1 vs GFLOPs, one line per method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    by_method: dict[str, list] = {}
+    for r in result["rows"]:
+        by_method.setdefault(r["method"], []).append((r["gflops"], r["top1"]))
+    base = by_method.pop("none", None)
+    for m, pts in by_method.items():
+        pts = sorted(pts)
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=m)
+    if base:
+        ax.axhline(base[0][1], color="grey", ls="--", label=f"unpruned ({base[0][0]:.3f} GFLOPs)")
+    ax.set_xlabel("image encoder GFLOPs / image")
+    ax.set_ylabel("zero-shot top-1 %")
+    ax.set_title(f"{result['model']['model']} on {result['dataset']}/{result['split']}")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    tmp = Path(path).with_name(f".{Path(path).name}.tmp.png")
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    tmp.replace(path)
+
+
+def paired_gaps(result: dict, a: str, b: str) -> list[dict]:
+    """Top-1 of method ``a`` minus method ``b`` per schedule (e.g. golden vs random)."""
+    by = {(r["method"], r["schedule"]): r for r in result["rows"]}
+    out = []
+    for (m, s), r in by.items():
+        if m == a and (b, s) in by:
+            out.append({"schedule": s, f"{a}_minus_{b}": float(np.round(r["top1"] - by[(b, s)]["top1"], 3))})
+    return out

@@ -1,0 +1,115 @@
+"""``prtool bench speed``: latency of the baseline, Patch Ranking and the peers, side by side.
+
+Every variant is exported (ONNX backends) or built (torch) once, then all variants run
+interleaved in one process (``prtool.timing``), after warm-up, per batch size. Reported per
+variant: p50/p90/p99 latency, images/s, speedup vs the baseline, the ideal FLOP-ratio speedup and
+``measured_over_ideal``. The pruning machinery (scorer + TopK + gather) is costed against a
+``static`` twin that keeps the same token counts by a fixed slice (no scoring, no TopK, no gather).
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from prtool.build import EncoderSpec, build_pruned_encoder, schedule_for
+from prtool.errors import PrtoolError
+from prtool.export import ExportOptions, export_onnx
+from prtool.flops import encoder_cost
+from prtool.timing import interleaved_latency
+
+log = logging.getLogger(__name__)
+
+VARIANTS = ("baseline", "patch-ranking", "static", "cls-attn", "evit", "tome")
+BACKENDS = ("torch", "onnxruntime", "onnxruntime-cuda", "tensorrt")
+_SCORER = {"patch-ranking": "predictor", "static": "static", "cls-attn": "cls-attn", "evit": "evit", "tome": "tome"}
+
+
+def _runner(backend: str, encoder, onnx_path: Path | None, device: str):
+    if backend == "torch":
+        enc = encoder.to(device)
+
+        def run(x):
+            with torch.no_grad():
+                return enc(x)
+
+        return run
+    if backend == "onnxruntime":
+        from prtool.validate import ort_session
+
+        sess = ort_session(onnx_path)
+        return lambda x: sess.run(None, {"pixel_values": x})
+    raise PrtoolError(f"backend {backend} is not available here: it needs a GPU "
+                      "(onnxruntime-cuda: pip install 'prtool[gpu]'; tensorrt: prtool build + the TensorRT runner)")
+
+
+def bench_speed(loaded, schedule_text: str | None, keep_ratio: float | None, stages: int, first_block: int | None,
+                variants: list[str], backends: list[str], batch_sizes: list[int], predictor: Path | None = None,
+                warmup: int = 3, iters: int = 20, workdir: Path | None = None) -> dict:
+    unknown = [v for v in variants if v not in VARIANTS] + [b for b in backends if b not in BACKENDS]
+    if unknown:
+        raise PrtoolError(f"unknown variants/backends {unknown}: variants {VARIANTS}, backends {BACKENDS}")
+    sched = schedule_for(loaded, schedule_text, keep_ratio, stages, first_block)
+    if sched.is_empty:
+        raise PrtoolError("bench speed needs a pruning schedule (--schedule or --keep-ratio)")
+    device = "cuda" if torch.cuda.is_available() and backends == ["torch"] else "cpu"
+    specs = {"baseline": EncoderSpec(schedule_for(loaded, "none"))}
+    for v in variants:
+        if v != "baseline":
+            specs[v] = EncoderSpec(sched, _SCORER[v], predictor if v == "patch-ranking" else None)
+    encoders, costs = {}, {}
+    for name, spec in specs.items():
+        encoders[name], _ = build_pruned_encoder(loaded, spec)
+        costs[name] = encoder_cost(encoders[name])
+    workdir = Path(workdir or tempfile.mkdtemp(prefix="prtool-bench-"))
+    results = []
+    for backend in backends:
+        paths = {}
+        if backend != "torch":
+            for name, spec in specs.items():
+                paths[name] = export_onnx(loaded, spec, workdir / f"{name}.onnx", ExportOptions(validate=False)).onnx_path
+        runners = {name: _runner(backend, encoders[name], paths.get(name), device) for name in specs}
+        h, w = loaded.preprocess["image_size"]
+        for bs in batch_sizes:
+            x = torch.randn(bs, 3, h, w, generator=torch.Generator().manual_seed(bs))
+            feed = x.to(device) if backend == "torch" else x.numpy().astype(np.float32)
+            sync = torch.cuda.synchronize if device == "cuda" else None
+            lat = interleaved_latency({n: (lambda r=r: r(feed)) for n, r in runners.items()}, warmup, iters, sync)
+            base = lat["baseline"]["p50_ms"]
+            for name, m in lat.items():
+                ideal = costs["baseline"]["gmacs"] / costs[name]["gmacs"]
+                speed = base / m["p50_ms"]
+                results.append({"backend": backend, "device": device if backend == "torch" else "cpu", "batch": bs,
+                                "variant": name, **m, "images_per_s": bs / (m["p50_ms"] / 1000),
+                                "speedup": speed, "ideal_speedup": ideal, "measured_over_ideal": speed / ideal,
+                                "gmacs": costs[name]["gmacs"]})
+            if "patch-ranking" in lat and "static" in lat:
+                share = (lat["patch-ranking"]["p50_ms"] - lat["static"]["p50_ms"]) / lat["patch-ranking"]["p50_ms"]
+                results.append({"backend": backend, "batch": bs, "variant": "machinery-share",
+                                "machinery_share_of_pruned_latency": share})
+    return {"model": loaded.model_id, "schedule": sched.to_dict(), "threads": torch.get_num_threads(),
+            "warmup": warmup, "iters": iters, "results": results}
+
+
+def markdown_table(result: dict) -> str:
+    head = ["backend", "batch", "variant", "p50 ms", "p90 ms", "p99 ms", "img/s", "speedup", "ideal", "measured/ideal"]
+    lines = [f"Schedule `{result['schedule']['string']}` on {result['model']['model']} ({result['model']['pretrained']}), "
+             f"{result['threads']} threads, {result['iters']} interleaved iterations after {result['warmup']} warm-up.",
+             "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    shares = []
+    for r in result["results"]:
+        if r["variant"] == "machinery-share":
+            shares.append(f"{r['backend']} batch {r['batch']}: {100 * r['machinery_share_of_pruned_latency']:.1f}%")
+            continue
+        lines.append("| " + " | ".join([r["backend"], str(r["batch"]), r["variant"], f"{r['p50_ms']:.2f}",
+                                        f"{r['p90_ms']:.2f}", f"{r['p99_ms']:.2f}", f"{r['images_per_s']:.1f}",
+                                        f"{r['speedup']:.2f}", f"{r['ideal_speedup']:.2f}",
+                                        f"{r['measured_over_ideal']:.2f}"]) + " |")
+    if shares:
+        lines += ["", "Pruning machinery (predictor + TopK + gather) as a share of the pruned latency, "
+                  "from patch-ranking minus its static-slice twin: " + "; ".join(shares)]
+    return "\n".join(lines) + "\n"

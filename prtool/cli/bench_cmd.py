@@ -1,0 +1,107 @@
+"""``prtool bench accuracy``: methods at equal schedules, with reports and plots."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from prtool.cli import options as o
+from prtool.cli.common import emit, setup
+
+app = typer.Typer(help="Benchmarks: accuracy of pruning methods at equal cost.", no_args_is_help=True)
+
+
+@app.command("accuracy")
+def accuracy(
+    out: Annotated[Path, typer.Option("--out", "-o", help="Report folder (JSON, markdown, plot).")] = Path("runs/bench-accuracy"),
+    model: o.Model = "testbed",
+    pretrained: o.Pretrained = None,
+    data: o.Data = "testbed",
+    split: o.Split = "test",
+    image_root: o.ImageRoot = None,
+    schedule: Annotated[Optional[list[str]], typer.Option("--schedule", "-s", help="A schedule (repeatable).")] = None,
+    keep_ratios: Annotated[Optional[str], typer.Option("--keep-ratios", help="Comma-separated keep ratios, each with --stages/--first-block.")] = None,
+    stages: o.Stages = 1,
+    first_block: o.FirstBlock = None,
+    methods: Annotated[str, typer.Option("--methods", help="Comma-separated: none, patch-ranking, golden, random, cls-attn, evit, tome, brightness.")] = "none,patch-ranking,random,cls-attn,evit,tome",
+    predictor: o.PredictorPath = None,
+    rankings: Annotated[Optional[Path], typer.Option("--rankings", "-r", help="Rankings store of the evaluated split (for golden).")] = None,
+    seeds: Annotated[str, typer.Option("--seeds", help="Seeds for random (comma-separated).")] = "0,1,2",
+    limit: o.Limit = None,
+    batch_size: o.BatchSize = 64,
+    as_json: o.Json = False,
+    quiet: o.Quiet = False,
+    verbose: o.Verbose = False,
+):
+    """Zero-shot accuracy, cosine to unpruned and GFLOPs of each method at the same schedules."""
+    setup(quiet, verbose)
+    from prtool.bench_accuracy import bench_accuracy, markdown_table, plot_accuracy_vs_flops
+    from prtool.build import schedule_for
+    from prtool.datasets import load_dataset
+    from prtool.envinfo import collect_env
+    from prtool.errors import PrtoolError
+    from prtool.manifest import write_json_atomic
+    from prtool.models import load_clip
+
+    loaded = load_clip(model, pretrained if pretrained is not None else ("default" if model == "testbed" else "none"))
+    dataset = load_dataset(data, split, image_root).limit(limit)
+    scheds = [schedule_for(loaded, s) for s in (schedule or [])]
+    if keep_ratios:
+        try:
+            ratios = [float(r) for r in keep_ratios.split(",")]
+        except ValueError:
+            raise PrtoolError(f"--keep-ratios {keep_ratios!r}: give comma-separated numbers such as 0.8,0.6") from None
+        scheds += [schedule_for(loaded, keep_ratio=r, stages=stages, first_block=first_block) for r in ratios]
+    if not scheds:
+        raise PrtoolError("give at least one --schedule or --keep-ratios")
+    result = bench_accuracy(loaded, dataset, scheds, [m.strip() for m in methods.split(",") if m.strip()],
+                            predictor, rankings, [int(s) for s in seeds.split(",")], batch_size)
+    result["environment"] = collect_env()
+    out.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(out / "accuracy.json", result)
+    (out / "accuracy.md").write_text(markdown_table(result))
+    plot_accuracy_vs_flops(result, out / "accuracy_vs_gflops.png")
+    emit(result, as_json, lambda r: print(markdown_table(r) + f"\nreport in {out}/accuracy.md, plot {out}/accuracy_vs_gflops.png"))
+
+
+@app.command("speed")
+def speed(
+    out: Annotated[Path, typer.Option("--out", "-o", help="Report folder (JSON, markdown, plot).")] = Path("runs/bench-speed"),
+    model: o.Model = "testbed",
+    pretrained: o.Pretrained = None,
+    schedule: o.Schedule = None,
+    keep_ratio: o.KeepRatio = None,
+    stages: o.Stages = 1,
+    first_block: o.FirstBlock = None,
+    predictor: o.PredictorPath = None,
+    variants: Annotated[str, typer.Option("--variants", help="Comma-separated: baseline, patch-ranking, static, cls-attn, evit, tome.")] = "baseline,patch-ranking,static,evit,tome",
+    backends: Annotated[str, typer.Option("--backends", help="Comma-separated: torch, onnxruntime (GPU: onnxruntime-cuda, tensorrt).")] = "onnxruntime",
+    batch_sizes: Annotated[str, typer.Option("--batch-sizes", help="Comma-separated batch sizes.")] = "1,8,32",
+    warmup: Annotated[int, typer.Option("--warmup")] = 3,
+    iters: Annotated[int, typer.Option("--iters", help="Timed interleaved iterations (>= 20 recommended).")] = 20,
+    as_json: o.Json = False,
+    quiet: o.Quiet = False,
+    verbose: o.Verbose = False,
+):
+    """Latency (p50/p90/p99), images/s and speedup vs ideal FLOP ratio, all variants interleaved."""
+    setup(quiet, verbose)
+    from prtool.bench_speed import bench_speed, markdown_table
+    from prtool.envinfo import collect_env
+    from prtool.manifest import write_json_atomic
+    from prtool.models import load_clip
+
+    loaded = load_clip(model, pretrained if pretrained is not None else ("default" if model == "testbed" else "none"))
+    out.mkdir(parents=True, exist_ok=True)
+    result = bench_speed(loaded, schedule, keep_ratio, stages, first_block,
+                         [v.strip() for v in variants.split(",") if v.strip()],
+                         [b.strip() for b in backends.split(",") if b.strip()],
+                         [int(b) for b in batch_sizes.split(",")], predictor, warmup, iters, workdir=out)
+    result["environment"] = collect_env()
+    write_json_atomic(out / "speed.json", result)
+    (out / "speed.md").write_text(markdown_table(result))
+    for f in out.glob("*.onnx"):  # the exported variants were only needed for timing
+        f.unlink()
+        f.with_suffix(".json").unlink(missing_ok=True)
+    emit(result, as_json, lambda r: print(markdown_table(r) + f"\nreport in {out}/speed.md"))
