@@ -8,9 +8,8 @@ import logging
 import sys
 from pathlib import Path
 
-from prtool.bench_accuracy import bench_accuracy
+from prtool.bench_accuracy import bench_accuracy, plot_accuracy_vs_flops
 from prtool.bench_accuracy import markdown_table as accuracy_md
-from prtool.bench_accuracy import plot_accuracy_vs_flops
 from prtool.bench_speed import bench_speed
 from prtool.bench_speed import markdown_table as speed_md
 from prtool.build import schedule_for

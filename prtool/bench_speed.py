@@ -78,7 +78,7 @@ def bench_speed(loaded, schedule_text: str | None, keep_ratio: float | None, sta
             x = torch.randn(bs, 3, h, w, generator=torch.Generator().manual_seed(bs))
             feed = x.to(device) if backend == "torch" else x.numpy().astype(np.float32)
             sync = torch.cuda.synchronize if device == "cuda" else None
-            lat = interleaved_latency({n: (lambda r=r: r(feed)) for n, r in runners.items()}, warmup, iters, sync)
+            lat = interleaved_latency({n: (lambda r=r, f=feed: r(f)) for n, r in runners.items()}, warmup, iters, sync)
             base = lat["baseline"]["p50_ms"]
             for name, m in lat.items():
                 ideal = costs["baseline"]["gmacs"] / costs[name]["gmacs"]

@@ -10,7 +10,14 @@ from prtool.models import LoadedModel
 from prtool.predictor import PredictorConfig, RankingPredictor, check_predictor_fits, load_predictor
 from prtool.pruned import PrunedVisionTransformer
 from prtool.schedule import Schedule, resolve_schedule
-from prtool.scorers import BrightnessScorer, ClsAttentionScorer, GoldenScorer, PatchScorer, PredictorScorer, RandomScorer
+from prtool.scorers import (
+    BrightnessScorer,
+    ClsAttentionScorer,
+    GoldenScorer,
+    PatchScorer,
+    PredictorScorer,
+    RandomScorer,
+)
 
 
 @dataclass

@@ -28,6 +28,7 @@ log = logging.getLogger(__name__)
 INPUT_NAME = "pixel_values"
 EMBEDS_NAME = "image_embeds"
 INDICES_NAME = "kept_patch_indices"
+LOGITS_NAME = "logits"
 MIN_OPSET, MAX_OPSET = 17, 21
 EXPORTERS = ("torchscript", "dynamo")
 EXTERNAL_DATA_BYTES = 1_800_000_000  # below protobuf's 2 GB limit, with headroom
@@ -54,8 +55,31 @@ class ExportResult:
     report: ValidationReport | None
 
 
-def output_names(with_indices: bool) -> list[str]:
-    return [EMBEDS_NAME, INDICES_NAME] if with_indices else [EMBEDS_NAME]
+def output_names(with_indices: bool, with_logits: bool = False) -> list[str]:
+    return [EMBEDS_NAME] + ([INDICES_NAME] if with_indices else []) + ([LOGITS_NAME] if with_logits else [])
+
+
+class WithClassifier(torch.nn.Module):
+    """Adds ``logits = logit_scale * normalize(image_embeds) @ class_embeds.T`` (``[B, C]``) as a
+    last output, with the class text embeddings baked in as a constant. Other attributes (schedule,
+    scorer, ...) are the wrapped encoder's."""
+
+    def __init__(self, encoder: torch.nn.Module, class_embeds: torch.Tensor, logit_scale: float):
+        super().__init__()
+        self.encoder = encoder
+        self.register_buffer("class_embeds", class_embeds.detach().float().clone())
+        self.logit_scale = float(logit_scale)
+
+    def __getattr__(self, name):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self.encoder, name)
+
+    def forward(self, pixels: torch.Tensor):
+        out = _as_tuple(self.encoder(pixels))
+        emb = torch.nn.functional.normalize(out[0], dim=-1)
+        return (*out, self.logit_scale * emb @ self.class_embeds.t())
 
 
 @contextlib.contextmanager
@@ -123,8 +147,13 @@ def trace_to_onnx(encoder: torch.nn.Module, example: torch.Tensor, path: Path, o
 
 
 def export_onnx(loaded: LoadedModel, spec: EncoderSpec, out: Path, options: ExportOptions = ExportOptions(),
-                visual_prompts=None, extra_manifest: dict | None = None) -> ExportResult:
-    """Export, validate and write ``out`` (.onnx) + ``out`` with .json (the manifest)."""
+                visual_prompts=None, extra_manifest: dict | None = None,
+                class_embeds: torch.Tensor | None = None) -> ExportResult:
+    """Export, validate and write ``out`` (.onnx) + ``out`` with .json (the manifest).
+
+    ``visual_prompts`` ``[P, D]`` are baked in as constants after CLS; ``class_embeds`` ``[C, E]``
+    adds the ``logits`` output (a zero-shot or tuned classifier head).
+    """
     out = Path(out)
     if options.opset < MIN_OPSET:
         raise PrtoolError(
@@ -141,7 +170,9 @@ def export_onnx(loaded: LoadedModel, spec: EncoderSpec, out: Path, options: Expo
                                                    visual_prompts=visual_prompts)
     if encoder.scorer is not None and not encoder.scorer.exportable:
         raise PrtoolError(f"scorer {encoder.scorer.name} cannot be exported: {encoder.scorer.why_not_exportable}")
-    names = output_names(options.with_kept_indices)
+    if class_embeds is not None:
+        encoder = WithClassifier(encoder, class_embeds, float(loaded.model.logit_scale.detach().exp())).eval()
+    names = output_names(options.with_kept_indices, class_embeds is not None)
     h, w = encoder.image_size
     tmpdir = Path(tempfile.mkdtemp(prefix=".prtool-export-", dir=out.parent))
     try:

@@ -61,7 +61,7 @@ def load_image_batch(paths: list[Path], pre: dict) -> torch.Tensor:
 def arrays_to_batch(canvases: np.ndarray, pre: dict) -> torch.Tensor:
     """uint8 ``[B, H, W, 3]`` -> preprocessed ``[B, 3, h, w]`` (resized when sizes differ)."""
     if tuple(canvases.shape[1:3]) == tuple(pre["image_size"]):
-        x = torch.from_numpy(canvases).permute(0, 3, 1, 2).float() / 255.0
+        x = torch.tensor(canvases).permute(0, 3, 1, 2).float() / 255.0  # copies: the testbed arrays are read-only
         mean = torch.tensor(pre["mean"], dtype=torch.float32).view(1, 3, 1, 1)
         std = torch.tensor(pre["std"], dtype=torch.float32).view(1, 3, 1, 1)
         return (x - mean) / std

@@ -20,6 +20,7 @@ def write_json_atomic(path: Path, obj) -> None:
         with os.fdopen(fd, "w") as f:
             json.dump(obj, f, indent=2, sort_keys=False, default=str)
             f.write("\n")
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600; manifests are meant to be read by consumers
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -47,9 +48,13 @@ def build_manifest(loaded, spec, encoder, onnx_path: Path, options, names: list[
     embed_dim = encoder.proj.shape[1] if encoder.proj is not None else encoder.width
     outputs = [{"name": names[0], "dtype": "float32", "shape": ["batch", embed_dim],
                 "l2_normalized": options.normalize}]
-    if len(names) > 1:
-        outputs.append({"name": names[1], "dtype": "int64", "shape": ["batch", spec.schedule.final_keep],
+    if "kept_patch_indices" in names:
+        outputs.append({"name": "kept_patch_indices", "dtype": "int64", "shape": ["batch", spec.schedule.final_keep],
                         "meaning": "row-major patch indices (0..N-1) kept after the last stage, most important first"})
+    if "logits" in names:
+        outputs.append({"name": "logits", "dtype": "float32", "shape": ["batch", int(encoder.class_embeds.shape[0])],
+                        "meaning": "logit_scale * cos(image, class text); class order in the manifest's 'classnames'",
+                        "logit_scale": encoder.logit_scale})
     manifest = {
         "prtool_manifest": MANIFEST_VERSION,
         "kind": "onnx-image-encoder",
@@ -58,6 +63,7 @@ def build_manifest(loaded, spec, encoder, onnx_path: Path, options, names: list[
         **spec.to_dict(),
         "num_prefix_tokens": encoder.num_prefix,
         "predictor_meta": predictor_meta,
+        "predictor_sha256": sha256_file(spec.predictor_path) if spec.predictor_path else None,
         "inputs": [{"name": "pixel_values", "dtype": "float32", "shape": ["batch", 3, h, w]}],
         "outputs": outputs,
         "preprocess": loaded.preprocess,

@@ -44,7 +44,8 @@ def gather_tokens(x: torch.Tensor, idx: torch.Tensor, mode: str = "flat") -> tor
     """Gather ``x[b, idx[b, j]]``: ``x`` ``[B, N, D]``, ``idx`` ``[B, k]`` int64 -> ``[B, k, D]``.
 
     ``flat`` flattens to ``[B*N, D]``, adds per-batch offsets and uses one plain Gather (every
-    runtime runs it); ``elements`` is GatherElements; ``nd`` is GatherND-style indexing.
+    runtime runs it); ``elements`` is GatherElements; ``nd`` is advanced indexing, which the dynamo
+    exporter emits as GatherND and the TorchScript exporter lowers to a flattened Gather.
     """
     n, d = x.shape[1], x.shape[2]
     k = idx.shape[1]

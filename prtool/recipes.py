@@ -32,14 +32,14 @@ def apply_recipe(recipe: Path | None, ctx, values: dict, section: str) -> dict:
     out = {k: v for k, v in values.items() if k not in ("ctx",)}
     if recipe is None:
         return out
-    from click.core import ParameterSource
-
     table = read_recipe(recipe).get(section, {})
     unknown = sorted(set(table) - set(out))
     if unknown:
         raise PrtoolError(f"recipe {recipe} [{section}] has unknown keys {unknown}; known: {sorted(out)}")
     for key, value in table.items():
-        if ctx.get_parameter_source(key) != ParameterSource.COMMANDLINE:
+        # Compare by name: typer may bundle its own click, whose enum is a different class.
+        source = ctx.get_parameter_source(key)
+        if getattr(source, "name", None) != "COMMANDLINE":
             current = out[key]
             out[key] = Path(value) if isinstance(current, Path) else value
     return out

@@ -182,8 +182,6 @@ def test_dry_run_cli_with_recipe(capsys, vitb16, tmp_path):
     assert not list(tmp_path.glob("*.plan")) and not (vitb16.with_suffix(".plan")).exists()
 
 
-@pytest.mark.xfail(strict=True, reason="prtool/recipes.py compares click.core.ParameterSource with the enum of typer's "
-                   "vendored click (typer._click), so a recipe overrides explicit flags; remove this mark once fixed")
 def test_explicit_flags_beat_the_recipe(capsys, vitb16, tmp_path):
     code, out, err = cli(capsys, "build", vitb16, "--recipe", RECIPES / "vit-b-16-4x20-fp16.toml", "--dry-run", "--json",
                          "--precision", "fp32", "--max-batch", "64", "-o", tmp_path / "x.plan")
@@ -342,3 +340,17 @@ def test_provider_options_and_missing_gpu_provider(vitb16):
         with pytest.raises(PrtoolError, match="CUDAExecutionProvider is not in this onnxruntime build"):
             create_session(vitb16, "cuda")
     assert create_session(vitb16, "cpu").get_providers() == ["CPUExecutionProvider"]
+
+
+def test_engine_validation_needs_tensorrt_and_rejects_onnx_options(capsys, tmp_path, vitb16):
+    plan, _ = _fake_engine(tmp_path, vitb16, _fake_runtime())
+    code, _, err = cli(capsys, "validate", plan, "--provider", "cuda")
+    one_line_error(code, err, "apply to ONNX files")
+    try:
+        import tensorrt  # noqa: F401
+
+        return
+    except ImportError:
+        pass
+    code, _, err = cli(capsys, "validate", plan)
+    one_line_error(code, err, "tensorrt is not installed", "pip install 'prtool[gpu]'")

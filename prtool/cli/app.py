@@ -7,7 +7,7 @@ import sys
 
 import typer
 
-from prtool.cli import bench_cmd, demo_cmd, env_cmd, eval_cmd, export_cmd, rank_cmd, testbed_cmd
+from prtool.cli import bench_cmd, demo_cmd, deploy_cmd, env_cmd, eval_cmd, export_cmd, rank_cmd, testbed_cmd, tune_cmd
 from prtool.errors import PrtoolError
 
 app = typer.Typer(
@@ -24,6 +24,11 @@ app.command("rank")(rank_cmd.rank)
 app.command("train")(rank_cmd.train)
 app.command("eval")(eval_cmd.eval_)
 app.command("show")(rank_cmd.show)
+app.command("tune")(tune_cmd.tune)
+app.command("export-text")(tune_cmd.export_text)
+app.command("build")(deploy_cmd.build)
+app.command("validate")(deploy_cmd.validate)
+app.command("package")(deploy_cmd.package)
 app.command("env")(env_cmd.env)
 app.command("demo")(demo_cmd.demo)
 app.add_typer(testbed_cmd.app, name="testbed")

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -21,13 +21,13 @@ def accuracy(
     data: o.Data = "testbed",
     split: o.Split = "test",
     image_root: o.ImageRoot = None,
-    schedule: Annotated[Optional[list[str]], typer.Option("--schedule", "-s", help="A schedule (repeatable).")] = None,
-    keep_ratios: Annotated[Optional[str], typer.Option("--keep-ratios", help="Comma-separated keep ratios, each with --stages/--first-block.")] = None,
+    schedule: Annotated[list[str] | None, typer.Option("--schedule", "-s", help="A schedule (repeatable).")] = None,
+    keep_ratios: Annotated[str | None, typer.Option("--keep-ratios", help="Comma-separated keep ratios, each with --stages/--first-block.")] = None,
     stages: o.Stages = 1,
     first_block: o.FirstBlock = None,
     methods: Annotated[str, typer.Option("--methods", help="Comma-separated: none, patch-ranking, golden, random, cls-attn, evit, tome, brightness.")] = "none,patch-ranking,random,cls-attn,evit,tome",
     predictor: o.PredictorPath = None,
-    rankings: Annotated[Optional[Path], typer.Option("--rankings", "-r", help="Rankings store of the evaluated split (for golden).")] = None,
+    rankings: Annotated[Path | None, typer.Option("--rankings", "-r", help="Rankings store of the evaluated split (for golden).")] = None,
     seeds: Annotated[str, typer.Option("--seeds", help="Seeds for random (comma-separated).")] = "0,1,2",
     limit: o.Limit = None,
     batch_size: o.BatchSize = 64,
@@ -105,3 +105,51 @@ def speed(
         f.unlink()
         f.with_suffix(".json").unlink(missing_ok=True)
     emit(result, as_json, lambda r: print(markdown_table(r) + f"\nreport in {out}/speed.md"))
+
+
+@app.command("prompts")
+def prompts(
+    out: Annotated[Path, typer.Option("--out", "-o", help="Report folder.")] = Path("runs/bench-prompts"),
+    model: o.Model = "testbed",
+    pretrained: o.Pretrained = None,
+    data: o.Data = "testbed",
+    train_split: Annotated[str, typer.Option("--train-split")] = "train",
+    test_split: Annotated[str, typer.Option("--test-split")] = "test",
+    image_root: o.ImageRoot = None,
+    schedule: o.Schedule = None,
+    keep_ratio: o.KeepRatio = None,
+    stages: o.Stages = 1,
+    first_block: o.FirstBlock = None,
+    scorer: o.Scorer = "predictor",
+    predictor: o.PredictorPath = None,
+    shots: Annotated[int, typer.Option("--shots")] = 16,
+    n_ctx: Annotated[int, typer.Option("--n-ctx")] = 16,
+    epochs: Annotated[int, typer.Option("--epochs")] = 30,
+    seed: o.Seed = 0,
+    limit: o.Limit = None,
+    as_json: o.Json = False,
+    quiet: o.Quiet = False,
+    verbose: o.Verbose = False,
+):
+    """The paper's Table 5 rows: none, prune, T, T+prune, T+V, T+V+prune (with GFLOPs)."""
+    setup(quiet, verbose)
+    from prtool.bench_prompts import bench_prompts, markdown_table
+    from prtool.build import schedule_for
+    from prtool.datasets import load_dataset
+    from prtool.envinfo import collect_env
+    from prtool.manifest import write_json_atomic
+    from prtool.models import load_clip
+    from prtool.tune import TuneConfig
+
+    loaded = load_clip(model, pretrained if pretrained is not None else ("default" if model == "testbed" else "none"))
+    sched = schedule_for(loaded, schedule, keep_ratio, stages, first_block)
+    cfg = TuneConfig(n_ctx=n_ctx, shots=shots, epochs=epochs, seed=seed)
+    result = bench_prompts(loaded, load_dataset(data, train_split, image_root),
+                           load_dataset(data, test_split, image_root).limit(limit), sched, scorer, predictor, cfg)
+    result["tune_config"] = {"n_ctx": n_ctx, "shots": shots, "epochs": epochs, "seed": seed, "lr": cfg.lr,
+                             "batch_size": cfg.batch_size}
+    result["environment"] = collect_env()
+    out.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(out / "prompts.json", result)
+    (out / "prompts.md").write_text(markdown_table(result))
+    emit(result, as_json, lambda r: print(markdown_table(r) + f"\nreport in {out}/prompts.md"))

@@ -112,11 +112,12 @@ def validate(
     overrides = {k: val for k, val in (("atol", atol), ("rtol", rtol), ("min_cosine", min_cosine)) if val is not None}
     result = validate_artifact(artifact, provider, precision, pretrained, predictor, images, batch_size, overrides)
     report = result["validation"]
+    def human(r):
+        print_checks(report["checks"], f"{r['artifact']} on {r['backend']} vs PyTorch ({r['weights']}, {report['images']})")
+        print(f"{'passed' if r['passed'] else 'FAILED'} ({r['precision']} tolerances: {report['tolerances']})")
+
     if as_json or not quiet:
-        emit(result, as_json, lambda r: (
-            print_checks(report["checks"], f"{r['artifact']} on {r['backend']} vs PyTorch ({r['weights']}, "
-                                           f"{report['images']})"),
-            print(f"{'passed' if r['passed'] else 'FAILED'} ({r['precision']} tolerances: {report['tolerances']})")))
+        emit(result, as_json, human)
     elif result["passed"]:
         print(artifact)
     if not result["passed"] and not allow_failed_validation:

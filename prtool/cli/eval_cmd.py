@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -17,17 +17,18 @@ def eval_(
     data: o.Data = "testbed",
     split: o.Split = "test",
     image_root: o.ImageRoot = None,
-    templates: Annotated[Optional[Path], typer.Option("--templates", help="JSON prompt templates (a list, or {dataset: list}).")] = None,
+    templates: Annotated[Path | None, typer.Option("--templates", help="JSON prompt templates (a list, or {dataset: list}).")] = None,
     schedule: o.Schedule = None,
     keep_ratio: o.KeepRatio = None,
     stages: o.Stages = 1,
     first_block: o.FirstBlock = None,
     scorer: o.Scorer = "predictor",
     predictor: o.PredictorPath = None,
-    rankings: Annotated[Optional[Path], typer.Option("--rankings", help="Rankings store for --scorer golden (the oracle).")] = None,
+    rankings: Annotated[Path | None, typer.Option("--rankings", help="Rankings store for --scorer golden (the oracle).")] = None,
     seed: o.Seed = 0,
-    onnx: Annotated[Optional[Path], typer.Option("--onnx", help="Score this exported ONNX file (onnxruntime CPU) instead of PyTorch.")] = None,
+    onnx: Annotated[Path | None, typer.Option("--onnx", help="Score this exported ONNX file (onnxruntime CPU) instead of PyTorch.")] = None,
     limit: o.Limit = None,
+    shots: o.Shots = None,
     skip_bad: Annotated[bool, typer.Option("--skip-bad", help="Skip unreadable images (recorded in the result).")] = False,
     batch_size: o.BatchSize = 64,
     as_json: o.Json = False,
@@ -37,12 +38,13 @@ def eval_(
     """Zero-shot top-1/top-5 of a model on a dataset."""
     setup(quiet, verbose)
     from prtool.build import EncoderSpec, schedule_for
-    from prtool.datasets import load_dataset
+    from prtool.datasets import few_shot, load_dataset
     from prtool.evaluate import evaluate_zero_shot
     from prtool.models import load_clip
 
     loaded = load_clip(model, pretrained if pretrained is not None else ("default" if model == "testbed" else "none"))
-    dataset = load_dataset(data, split, image_root, templates).limit(limit)
+    dataset = load_dataset(data, split, image_root, templates)
+    dataset = (few_shot(dataset, shots, seed) if shots else dataset).limit(limit)
     spec = EncoderSpec(schedule_for(loaded, schedule, keep_ratio, stages, first_block), scorer, predictor, seed=seed)
     result = evaluate_zero_shot(loaded, dataset, spec, onnx_path=onnx, batch_size=batch_size, skip_bad=skip_bad,
                                 rankings=rankings)

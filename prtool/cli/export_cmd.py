@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -30,16 +30,20 @@ def export(
     no_prune: Annotated[bool, typer.Option("--no-prune", help="Export the unpruned baseline with the same I/O contract.")] = False,
     no_validate: Annotated[bool, typer.Option("--no-validate", help="Skip validation against PyTorch.")] = False,
     allow_failed_validation: Annotated[bool, typer.Option("--allow-failed-validation", help="Keep the files even if validation fails (exit 0).")] = False,
-    images: Annotated[Optional[Path], typer.Option("--images", help="Folder of real images to validate on (default: shipped testbed eval images).")] = None,
+    images: Annotated[Path | None, typer.Option("--images", help="Folder of real images to validate on (default: shipped testbed eval images).")] = None,
     batch_size: o.BatchSize = 7,
-    atol: Annotated[Optional[float], typer.Option("--atol", help="Absolute tolerance on image_embeds.")] = None,
-    rtol: Annotated[Optional[float], typer.Option("--rtol", help="Relative tolerance on image_embeds.")] = None,
-    recipe: Annotated[Optional[Path], typer.Option("--recipe", help="TOML recipe with defaults for these options.")] = None,
+    atol: Annotated[float | None, typer.Option("--atol", help="Absolute tolerance on image_embeds.")] = None,
+    rtol: Annotated[float | None, typer.Option("--rtol", help="Relative tolerance on image_embeds.")] = None,
+    tokens: Annotated[Path | None, typer.Option("--tokens", help="Learned tokens from `prtool tune`: visual tokens are baked in.")] = None,
+    classifier: Annotated[bool, typer.Option("--classifier", help="Add a logits output (class text embeddings baked in; from --tokens or --data).")] = False,
+    data: Annotated[str | None, typer.Option("--data", "-d", help="Dataset whose class names make a zero-shot --classifier head.")] = None,
+    recipe: Annotated[Path | None, typer.Option("--recipe", help="TOML recipe with defaults for these options.")] = None,
     as_json: o.Json = False,
     quiet: o.Quiet = False,
     verbose: o.Verbose = False,
 ):
     """Export the pruned (or baseline) CLIP image encoder to ONNX, validated against PyTorch."""
+    params = dict(locals())  # the options, before any local import joins the namespace
     setup(quiet, verbose)
     from prtool.build import EncoderSpec, schedule_for
     from prtool.errors import ValidationError
@@ -48,7 +52,7 @@ def export(
     from prtool.recipes import apply_recipe
     from prtool.validate import Tolerances
 
-    values = apply_recipe(recipe, ctx, locals(), section="export")
+    values = apply_recipe(recipe, ctx, params, section="export")
     loaded = load_clip(values["model"], values["pretrained"] if values["pretrained"] is not None else
                        ("default" if values["model"] == "testbed" else "none"))
     if no_prune:
@@ -61,8 +65,15 @@ def export(
                          with_kept_indices=with_kept_indices, validate=not no_validate,
                          allow_failed_validation=allow_failed_validation, images=images, batch_size=batch_size,
                          tolerances=tol)
+    extras = {"visual_prompts": None, "class_embeds": None, "manifest": {}}
+    if tokens is not None or classifier:
+        from prtool.datasets import load_dataset
+        from prtool.tune import export_extras
+
+        extras = export_extras(loaded, spec, tokens, classifier, load_dataset(data, "test") if data else None)
     try:
-        result = export_onnx(loaded, spec, values["out"], opts)
+        result = export_onnx(loaded, spec, values["out"], opts, visual_prompts=extras["visual_prompts"],
+                             extra_manifest=extras["manifest"], class_embeds=extras["class_embeds"])
     except ValidationError as exc:
         if exc.report is not None:
             print_checks(exc.report.checks, "export validation", stderr=True)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -13,7 +13,7 @@ from prtool.cli.common import emit, setup, table
 Rankings = Annotated[Path, typer.Option("--rankings", "-r", help="A rankings store made by `prtool rank`.")]
 
 
-def _load(model: str, pretrained: Optional[str]):
+def _load(model: str, pretrained: str | None):
     from prtool.models import load_clip
 
     return load_clip(model, pretrained if pretrained is not None else ("default" if model == "testbed" else "none"))
@@ -29,12 +29,14 @@ def rank(
     score: Annotated[str, typer.Option("--score", help="preservation (no labels needed), label or confidence.")] = "preservation",
     block_size: Annotated[int, typer.Option("--block-size", help="Side r of the r x r window of patches removed per variant.")] = 2,
     stride: Annotated[int, typer.Option("--stride", help="Window stride (1: sliding, r: non-overlapping).")] = 1,
-    rank_block: Annotated[Optional[int], typer.Option("--rank-block", help="Block whose input is ranked (default: the default schedule's first stage).")] = None,
+    rank_block: Annotated[int | None, typer.Option("--rank-block", help="Block whose input is ranked (default: the default schedule's first stage).")] = None,
     iters: Annotated[int, typer.Option("--iters", help="Greedy refinement iterations (1 = none).")] = 1,
     drop_per_iter: Annotated[int, typer.Option("--drop-per-iter", help="Tokens dropped per refinement iteration (0 = N / (2 iters)).")] = 0,
     batch_size: o.BatchSize = 64,
     shard_size: Annotated[int, typer.Option("--shard-size", help="Images per shard (the unit of resumption).")] = 256,
     limit: o.Limit = None,
+    shots: o.Shots = None,
+    seed: o.Seed = 0,
     skip_bad: Annotated[bool, typer.Option("--skip-bad", help="Skip unreadable images (recorded) instead of failing.")] = False,
     one_variant_at_a_time: Annotated[bool, typer.Option("--unbatched", help="Run variants one by one (benchmark reference).")] = False,
     as_json: o.Json = False,
@@ -43,12 +45,13 @@ def rank(
 ):
     """Golden rankings of a dataset's patches (Phase I). Resumable; distributed under torchrun."""
     setup(quiet, verbose)
-    from prtool.datasets import load_dataset
+    from prtool.datasets import few_shot, load_dataset
     from prtool.jobs import default_rank_block, rank_dataset
     from prtool.ranking import RankConfig
 
     loaded = _load(model, pretrained)
-    dataset = load_dataset(data, split, image_root).limit(limit)
+    dataset = load_dataset(data, split, image_root)
+    dataset = (few_shot(dataset, shots, seed) if shots else dataset).limit(limit)
     cfg = RankConfig(rank_block if rank_block is not None else default_rank_block(loaded), score, block_size, stride,
                      iters, drop_per_iter, batch_size)
     result = rank_dataset(loaded, dataset, out, cfg, shard_size, skip_bad, batched=not one_variant_at_a_time, quiet=quiet)
@@ -73,7 +76,7 @@ def train(
     weight_decay: Annotated[float, typer.Option("--weight-decay")] = 1e-4,
     tau: Annotated[float, typer.Option("--tau", help="ListNet target temperature on z-scored importance.")] = 0.5,
     val_fraction: Annotated[float, typer.Option("--val-fraction")] = 0.1,
-    k_final: Annotated[Optional[int], typer.Option("--k-final", help="K for match@K besides 100 (default: 60% of N).")] = None,
+    k_final: Annotated[int | None, typer.Option("--k-final", help="K for match@K besides 100 (default: 60% of N).")] = None,
     seed: o.Seed = 0,
     as_json: o.Json = False,
     quiet: o.Quiet = False,
@@ -101,7 +104,7 @@ def show(
     data: o.Data = "testbed",
     split: o.Split = "test",
     image_root: o.ImageRoot = None,
-    rankings: Annotated[Optional[Path], typer.Option("--rankings", "-r", help="Golden rankings store for these images.")] = None,
+    rankings: Annotated[Path | None, typer.Option("--rankings", "-r", help="Golden rankings store for these images.")] = None,
     predictor: o.PredictorPath = None,
     schedule: o.Schedule = None,
     keep_ratio: o.KeepRatio = None,

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -79,10 +79,9 @@ def train(
 ):
     """Train the testbed CLIP from scratch (about an hour on 2 CPU cores); resumes if interrupted."""
     setup(quiet, verbose)
-    from prtool.testbed.train import TrainConfig, train_testbed
-
     from prtool.testbed import spec
     from prtool.testbed.eval_set import write_reference
+    from prtool.testbed.train import TrainConfig, train_testbed
 
     cfg = TrainConfig(samples=samples, batch_size=batch_size, seed=seed)
     result = train_testbed(out, cfg, idx_dir, resume=not no_resume, quiet=quiet)

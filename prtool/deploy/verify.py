@@ -94,8 +94,9 @@ def _open_artifact(path: Path, provider: str, precision: str | None):
     if path.suffix in ENGINE_SUFFIXES:
         from prtool.deploy.trt import TensorRTRunner
 
-        if precision is not None:
-            raise PrtoolError("--precision applies to ONNX files; an engine's precision is in its manifest")
+        if precision is not None or provider != "cpu":
+            raise PrtoolError("--precision and --provider apply to ONNX files; an engine runs on TensorRT at the "
+                              "precision its manifest records")
         runner = TensorRTRunner(path)
         m = runner.manifest
         source = m["source_onnx"]["manifest"]

@@ -18,7 +18,6 @@ from prtool.errors import PrtoolError
 from prtool.testbed import data as tbdata
 from prtool.testbed import spec
 
-
 # split -> (pack file, Fashion-MNIST split, seed, items per class)
 PACKS = {
     "test": (spec.EVAL_ITEMS_PATH, "test", tbdata.EVAL_SEED, tbdata.EVAL_PER_CLASS),

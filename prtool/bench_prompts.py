@@ -1,0 +1,67 @@
+"""``prtool bench prompts``: the paper's Table 5 rows on one dataset, from one command.
+
+Rows: ``none`` (untuned, unpruned), ``prune`` (untuned, pruned), ``T`` / ``T+prune`` (text context
+tuned without / with pruning active, evaluated the same way), ``T+V`` / ``T+V+prune`` (text and
+coupled visual tokens). Tuning always happens with the evaluated pruning switched on or off, as
+in deployment.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import replace
+
+from prtool.build import EncoderSpec, build_pruned_encoder
+from prtool.datasets import ImageDataset, few_shot
+from prtool.evaluate import evaluate_zero_shot
+from prtool.flops import encoder_cost
+from prtool.schedule import Schedule
+from prtool.tune import TuneConfig, evaluate_tuned, tune_tokens
+
+log = logging.getLogger(__name__)
+
+
+def bench_prompts(loaded, train: ImageDataset, test: ImageDataset, schedule: Schedule, scorer: str,
+                  predictor, cfg: TuneConfig) -> dict:
+    unpruned = EncoderSpec(Schedule((), schedule.num_patches, schedule.depth))
+    pruned = EncoderSpec(schedule, scorer, predictor)
+    shots = few_shot(train, cfg.shots, cfg.seed)
+    rows = []
+    for name, spec in (("none", unpruned), ("prune", pruned)):
+        res = evaluate_zero_shot(loaded, test, spec, compare_unpruned=False)
+        rows.append({"row": name, "top1": res["top1"], "top5": res.get("top5"), "spec": spec})
+    for mode, tag in (("text", "T"), ("both", "T+V")):
+        for spec, suffix in ((unpruned, ""), (pruned, "+prune")):
+            log.info("tuning %s%s", tag, suffix)
+            learner, metrics = tune_tokens(loaded, shots, spec, replace(cfg, mode=mode), quiet=True)
+            res = evaluate_tuned(loaded, learner, test, spec)
+            rows.append({"row": tag + suffix, "top1": res["top1"], "top5": res.get("top5"), "spec": spec,
+                         "final_train_loss": metrics["history"][-1]["loss"] if metrics["history"] else None})
+    out_rows = []
+    for r in rows:
+        spec = r.pop("spec")
+        enc, _ = build_pruned_encoder(loaded, spec)
+        n_vis = cfg.n_ctx if r["row"].startswith("T+V") else 0
+        cost = encoder_cost(enc)
+        # visual tokens add n_ctx tokens to every block: count them at their real sequence length
+        if n_vis:
+            from prtool.flops import encoder_macs
+
+            patch = enc.conv1.kernel_size[0]
+            cost = encoder_macs(spec.schedule, enc.width, patch, enc.proj.shape[1], 1 + n_vis,
+                                cost["scorer_gmacs"] * 1e9)
+        out_rows.append({**r, "schedule": spec.schedule.to_string() or "none", "gflops": cost["gflops"]})
+    return {"model": loaded.model_id, "dataset": test.name, "split": test.split, "images": len(test),
+            "shots": cfg.shots, "train_images": len(shots), "tune_config": {"seed": cfg.seed},
+            "rows": out_rows}
+
+
+def markdown_table(result: dict) -> str:
+    lines = [f"Table-5-style ablation on {result['dataset']}/{result['split']} ({result['images']} images), "
+             f"{result['shots']} shots per class ({result['train_images']} images), seed {result['tune_config'].get('seed')}.",
+             "", "| row | schedule | top-1 % | top-5 % | GFLOPs |", "|---|---|---|---|---|"]
+    for r in result["rows"]:
+        lines.append(f"| {r['row']} | {r['schedule']} | {r['top1']:.2f} | "
+                     f"{r['top5']:.2f} | {r['gflops']:.3f} |" if r["top5"] is not None else
+                     f"| {r['row']} | {r['schedule']} | {r['top1']:.2f} | - | {r['gflops']:.3f} |")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,80 @@
+"""``prtool tune`` and ``prtool export-text``: learnable tokens (Phase III) and the text encoder."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from prtool.cli import options as o
+from prtool.cli.common import emit, setup, table
+
+
+def tune(
+    out: Annotated[Path, typer.Option("--out", "-o", help="Tokens checkpoint (.safetensors; config .json beside it).")] = Path("runs/tokens.safetensors"),
+    model: o.Model = "testbed",
+    pretrained: o.Pretrained = None,
+    data: o.Data = "testbed",
+    split: Annotated[str, typer.Option("--split", help="Split to draw the few shots from.")] = "train",
+    eval_split: Annotated[str, typer.Option("--eval-split", help="Split to evaluate on at the end ('' to skip).")] = "test",
+    image_root: o.ImageRoot = None,
+    shots: Annotated[int, typer.Option("--shots", help="Images per class (seeded).")] = 16,
+    schedule: o.Schedule = None,
+    keep_ratio: o.KeepRatio = None,
+    stages: o.Stages = 1,
+    first_block: o.FirstBlock = None,
+    scorer: o.Scorer = "predictor",
+    predictor: o.PredictorPath = None,
+    n_ctx: Annotated[int, typer.Option("--n-ctx", help="Learnable context vectors (0 = the untuned model).")] = 16,
+    mode: Annotated[str, typer.Option("--mode", help="text, visual or both.")] = "both",
+    init: Annotated[str, typer.Option("--init", help="Initial phrase when its token count equals --n-ctx.")] = "a photo of a",
+    epochs: Annotated[int, typer.Option("--epochs")] = 30,
+    batch_size: o.BatchSize = 32,
+    lr: Annotated[float, typer.Option("--lr")] = 0.002,
+    seed: o.Seed = 0,
+    limit: o.Limit = None,
+    as_json: o.Json = False,
+    quiet: o.Quiet = False,
+    verbose: o.Verbose = False,
+):
+    """Learn text context + coupled visual tokens with CLIP and the predictor frozen, pruning on."""
+    setup(quiet, verbose)
+    from prtool.build import EncoderSpec, schedule_for
+    from prtool.datasets import few_shot, load_dataset
+    from prtool.models import load_clip
+    from prtool.tune import TuneConfig, evaluate_tuned, save_tuned, tune_tokens
+
+    loaded = load_clip(model, pretrained if pretrained is not None else ("default" if model == "testbed" else "none"))
+    spec = EncoderSpec(schedule_for(loaded, schedule, keep_ratio, stages, first_block), scorer, predictor, seed=seed)
+    cfg = TuneConfig(n_ctx, mode, shots, epochs, batch_size, lr, init=init, seed=seed)
+    train = few_shot(load_dataset(data, split, image_root), shots, seed)
+    learner, metrics = tune_tokens(loaded, train, spec, cfg, quiet=quiet)
+    if eval_split:
+        metrics["eval"] = evaluate_tuned(loaded, learner, load_dataset(data, eval_split, image_root).limit(limit), spec)
+    save_tuned(learner, out, loaded, spec, cfg, train.classnames, metrics)
+    result = {"out": str(out), "schedule": spec.schedule.to_string() or "none", "mode": mode, "n_ctx": n_ctx,
+              "train_images": len(train), **{k: v for k, v in metrics.items() if k != "history"},
+              "final_epoch": metrics["history"][-1] if metrics["history"] else None}
+    emit(result, as_json, lambda r: table(f"tokens -> {r['out']}", ["schedule", "mode", "n_ctx", "eval top-1"],
+                                          [(r["schedule"], r["mode"], r["n_ctx"], r.get("eval", {}).get("top1"))]))
+
+
+def export_text(
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output .onnx (manifest .json beside it).")] = Path("runs/export/text.onnx"),
+    model: o.Model = "testbed",
+    pretrained: o.Pretrained = None,
+    tokens: Annotated[Path | None, typer.Option("--tokens", help="Learned context from `prtool tune`.")] = None,
+    opset: Annotated[int, typer.Option("--opset")] = 18,
+    as_json: o.Json = False,
+    quiet: o.Quiet = False,
+    verbose: o.Verbose = False,
+):
+    """Export the text encoder (with the learned context) so consumers embed new class names."""
+    setup(quiet, verbose)
+    from prtool.models import load_clip
+    from prtool.text_export import export_text as run
+
+    loaded = load_clip(model, pretrained if pretrained is not None else ("default" if model == "testbed" else "none"))
+    result = run(loaded, out, tokens, opset=opset)
+    emit(result, as_json, lambda r: print(f"wrote {r['onnx']} (n_ctx {r['n_ctx']}, max abs diff vs PyTorch {r['max_abs']:.1e})"))

@@ -1,0 +1,135 @@
+"""Phase III: learnable text context (CoOp) and coupled visual tokens (MaPLe-style ``P_v = P_t W``).
+
+Text: ``n_ctx`` shared vectors replace the placeholder words of ``"X X ... X {classname}."`` in
+the token embedding, before the text transformer. Visual: ``n_ctx`` tokens derived from the text
+context through one learnable linear map, inserted right after CLS (after the positional
+embedding, before ``ln_pre``), protected from pruning and never shown to the predictor.
+``n_ctx = 0`` is the untuned model: the template-averaged zero-shot classifier and no visual tokens.
+
+A tokens checkpoint is ``NAME.safetensors`` (ctx, and W for visual modes) + ``NAME.json``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from prtool.errors import PrtoolError
+
+MODES = ("text", "visual", "both")
+PLACEHOLDER = "X"
+
+
+def encode_text_embeddings(model, embeds: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """open_clip's ``CLIP.encode_text`` starting from token embeddings ``[C, L, W]`` -> ``[C, E]``."""
+    from open_clip.transformer import text_global_pool
+
+    x = embeds + model.positional_embedding.to(embeds.dtype)
+    x = model.transformer(x, attn_mask=model.attn_mask)
+    x = model.ln_final(x)
+    x = text_global_pool(x, tokens, model.text_pool_type, eos_token_id=getattr(model, "text_eos_id", None))
+    if model.text_projection is not None:
+        x = model.text_projection(x) if isinstance(model.text_projection, nn.Linear) else x @ model.text_projection
+    return x
+
+
+class PromptLearner(nn.Module):
+    """Learnable context for a fixed model; ``class_embeddings(classnames)`` -> ``[C, E]`` unit vectors."""
+
+    def __init__(self, model, tokenizer, n_ctx: int = 16, mode: str = "both", init: str | None = "a photo of a",
+                 vision_width: int | None = None, seed: int = 0):
+        super().__init__()
+        if mode not in MODES:
+            raise PrtoolError(f"unknown --mode {mode!r}: use text, visual or both")
+        if not hasattr(model, "token_embedding"):
+            raise PrtoolError("learnable text context needs an open_clip CLIP with its own text transformer")
+        # The frozen CLIP is used, not owned: keep it out of this module's parameters and state_dict.
+        object.__setattr__(self, "model", model)
+        self.tokenizer, self.n_ctx, self.mode = tokenizer, n_ctx, mode
+        width = model.token_embedding.weight.shape[1]
+        gen = torch.Generator().manual_seed(seed)
+        ctx = torch.randn(n_ctx, width, generator=gen) * 0.02
+        if init and n_ctx > 0:
+            ids = tokenizer([init])[0]
+            words = ids[1 : 1 + int((ids > 0).sum()) - 2]  # between SOT and EOT
+            if len(words) == n_ctx:
+                with torch.no_grad():
+                    ctx = model.token_embedding(words).detach().clone()
+        self.ctx = nn.Parameter(ctx)
+        self.visual_proj = None
+        if mode in ("visual", "both") and n_ctx > 0:
+            if vision_width is None:
+                raise PrtoolError("visual tokens need the image tower's width")
+            self.visual_proj = nn.Linear(width, vision_width)
+            with torch.no_grad():
+                nn.init.normal_(self.visual_proj.weight, std=0.02, generator=gen)
+                self.visual_proj.bias.zero_()
+
+    @property
+    def uses_text(self) -> bool:
+        return self.mode in ("text", "both") and self.n_ctx > 0
+
+    def visual_tokens(self) -> torch.Tensor | None:
+        """``[n_ctx, vision_width]`` (``P_v = P_t W``), or None without visual tokens."""
+        return None if self.visual_proj is None else self.visual_proj(self.ctx)
+
+    def prompt_tokens(self, classnames: list[str]) -> torch.Tensor:
+        prefix = " ".join([PLACEHOLDER] * self.n_ctx)
+        return self.tokenizer([f"{prefix} {c.replace('_', ' ')}.".strip() for c in classnames])
+
+    def class_embeddings(self, classnames: list[str], templates: list[list[str]] | None = None) -> torch.Tensor:
+        """Class text embeddings with the learned context; without text context, the zero-shot ones."""
+        if not self.uses_text:
+            from prtool.zeroshot import class_text_embeddings
+
+            prompts = templates or [[f"a photo of a {c}."] for c in classnames]
+            return class_text_embeddings(self.model, self.tokenizer, prompts)
+        tokens = self.prompt_tokens(classnames)
+        emb = self.model.token_embedding(tokens)
+        ctx = self.ctx.to(emb.dtype).unsqueeze(0).expand(len(classnames), -1, -1)
+        emb = torch.cat([emb[:, :1], ctx, emb[:, 1 + self.n_ctx :]], dim=1)
+        return F.normalize(encode_text_embeddings(self.model, emb, tokens).float(), dim=-1)
+
+
+def save_tokens(learner: PromptLearner, path: Path, meta: dict) -> None:
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    state = {"ctx": learner.ctx.detach().contiguous()}
+    if learner.visual_proj is not None:
+        state["visual_proj.weight"] = learner.visual_proj.weight.detach().contiguous()
+        state["visual_proj.bias"] = learner.visual_proj.bias.detach().contiguous()
+    tmp_w, tmp_j = path.with_name(path.name + ".tmp"), path.with_suffix(".json.tmp")
+    save_file(state, str(tmp_w), metadata={"prtool": "tokens"})
+    tmp_j.write_text(json.dumps({"n_ctx": learner.n_ctx, "mode": learner.mode, **meta}, indent=2, default=str) + "\n")
+    tmp_w.replace(path)
+    tmp_j.replace(path.with_suffix(".json"))
+
+
+def load_tokens(path: Path, model, tokenizer, vision_width: int, model_id: dict, schedule_text: str) -> tuple[PromptLearner, dict]:
+    """Read a tokens checkpoint and refuse one made for another model or schedule, naming both."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    meta_path = path.with_suffix(".json")
+    if not path.exists() or not meta_path.exists():
+        raise PrtoolError(f"tokens {path} (and its .json) must exist: make them with `prtool tune`")
+    meta = json.loads(meta_path.read_text())
+    for key in ("model", "checkpoint_sha256"):
+        made, have = meta.get("model_id", {}).get(key), model_id.get(key)
+        if made is not None and have is not None and made != have:
+            raise PrtoolError(f"tokens {path} were tuned for {key} {made!r}, not {have!r}: tune them for this model")
+    if meta.get("schedule") != schedule_text:
+        raise PrtoolError(f"tokens {path} were tuned with schedule {meta.get('schedule')!r}, not {schedule_text!r}: "
+                          "export with the tuning schedule, or tune for this one")
+    learner = PromptLearner(model, tokenizer, meta["n_ctx"], meta["mode"], init=None, vision_width=vision_width)
+    state = load_file(str(path))
+    try:
+        learner.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        raise PrtoolError(f"tokens {path} do not fit this model ({str(exc).splitlines()[0]})") from None
+    return learner.eval(), meta

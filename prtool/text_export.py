@@ -1,0 +1,98 @@
+"""``prtool export-text``: the text encoder (with learned context, if any) as ONNX, so consumers
+embed new class names themselves.
+
+Input ``input_ids`` int64 ``[batch, context_length]``: the open_clip tokenization of
+``"X X ... X {classname}."`` (``n_ctx`` placeholders; none without tokens). The graph replaces the
+placeholder embeddings by the learned context. Output ``text_embeds`` float32 ``[batch, E]``, L2-normalized.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from prtool.errors import PrtoolError, ValidationError
+from prtool.manifest import package_versions, write_json_atomic
+from prtool.models import LoadedModel, sha256_file
+from prtool.prompts import PLACEHOLDER, encode_text_embeddings
+
+
+class TextEncoder(nn.Module):
+    def __init__(self, model, ctx: torch.Tensor | None):
+        super().__init__()
+        self.model = model
+        self.n_ctx = 0 if ctx is None else int(ctx.shape[0])
+        if ctx is not None:
+            self.register_buffer("ctx", ctx.detach().clone())
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        emb = self.model.token_embedding(input_ids)
+        if self.n_ctx:
+            ctx = self.ctx.to(emb.dtype).unsqueeze(0).expand(emb.shape[0], -1, -1)
+            emb = torch.cat([emb[:, :1], ctx, emb[:, 1 + self.n_ctx :]], dim=1)
+        return F.normalize(encode_text_embeddings(self.model, emb, input_ids), dim=-1)
+
+
+def export_text(loaded: LoadedModel, out: Path, tokens: Path | None = None, classnames: list[str] | None = None,
+                opset: int = 18, atol: float = 1e-4) -> dict:
+    """Export, check against PyTorch on the class prompts, and write ``out`` + manifest atomically."""
+    import open_clip
+
+    from prtool.export import _check_output_dir, mha_fastpath_disabled
+    from prtool.validate import ort_session
+
+    out = Path(out)
+    _check_output_dir(out)
+    tokenizer = open_clip.get_tokenizer(loaded.name)
+    ctx, n_ctx = None, 0
+    if tokens is not None:
+        from safetensors.torch import load_file
+
+        from prtool.tune import learner_classnames
+
+        state = load_file(str(tokens))
+        ctx = state["ctx"]
+        n_ctx = int(ctx.shape[0])
+        classnames = classnames or learner_classnames(tokens)
+        if ctx.shape[1] != loaded.model.token_embedding.weight.shape[1]:
+            raise PrtoolError(f"tokens {tokens} have width {ctx.shape[1]}, not this text encoder's")
+        if n_ctx == 0:
+            ctx = None
+    classnames = classnames or ["cat", "dog"]
+    prefix = " ".join([PLACEHOLDER] * n_ctx)
+    ids = tokenizer([f"{prefix} {c}.".strip() for c in classnames])
+    enc = TextEncoder(loaded.model, ctx).eval()
+    tmpdir = Path(tempfile.mkdtemp(prefix=".prtool-export-", dir=out.parent))
+    try:
+        tmp = tmpdir / out.name
+        example = ids[:2] if len(ids) >= 2 else ids.repeat(2, 1)
+        with mha_fastpath_disabled(), torch.no_grad():
+            torch.onnx.export(enc, (example,), str(tmp), dynamo=False, opset_version=opset, input_names=["input_ids"],
+                              output_names=["text_embeds"], dynamic_axes={"input_ids": {0: "batch"}, "text_embeds": {0: "batch"}})
+            ref = enc(ids).numpy()
+        got = ort_session(tmp).run(None, {"input_ids": ids.numpy().astype(np.int64)})[0]
+        err = float(np.abs(got - ref).max())
+        if err > atol:
+            raise ValidationError(f"text export differs from PyTorch by {err:.2e} > {atol}")
+        manifest = {"prtool_manifest": 1, "kind": "onnx-text-encoder", "source": loaded.model_id,
+                    "inputs": [{"name": "input_ids", "dtype": "int64", "shape": ["batch", int(ids.shape[1])],
+                                "meaning": f"open_clip tokens of '{(prefix + ' ').lstrip()}{{classname}}.'"}],
+                    "outputs": [{"name": "text_embeds", "dtype": "float32", "shape": ["batch", int(ref.shape[1])],
+                                 "l2_normalized": True}],
+                    "n_ctx": n_ctx, "tokens": str(tokens) if tokens else None,
+                    "tokens_sha256": sha256_file(tokens) if tokens else None,
+                    "validation": {"classnames": classnames, "max_abs": err, "atol": atol},
+                    "opset": opset, "versions": package_versions(), "onnx_sha256": sha256_file(tmp)}
+        write_json_atomic(tmpdir / out.with_suffix(".json").name, manifest)
+        for f in tmpdir.iterdir():
+            os.replace(f, out.parent / f.name)
+        return {"onnx": str(out), "manifest": str(out.with_suffix(".json")), "max_abs": err, "n_ctx": n_ctx}
+    finally:
+        shutil.rmtree(tmpdir, ignore_errors=True)

@@ -1,0 +1,128 @@
+"""Phase III: learnable tokens, tuned with pruning on, exported with the model."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from prtool.build import EncoderSpec, schedule_for
+from prtool.datasets import few_shot, load_dataset
+from prtool.errors import PrtoolError
+from prtool.evaluate import evaluate_zero_shot
+from prtool.export import ExportOptions, export_onnx
+from prtool.prompts import load_tokens
+from prtool.tune import TuneConfig, evaluate_tuned, export_extras, save_tuned, tune_tokens, tuned_encoder
+from prtool.validate import ort_session
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tune")
+    for c, name in enumerate(["red", "blue"]):
+        (root / name).mkdir()
+        for i in range(4):
+            rgb = np.zeros((64, 64, 3), np.uint8)
+            rgb[..., 0 if c == 0 else 2] = 150 + 20 * i
+            Image.fromarray(rgb).save(root / name / f"{i}.png")
+    return load_dataset(str(root), "test")
+
+
+def _tune(tiny, data, mode="both", n_ctx=2, sched="1:32"):
+    spec = EncoderSpec(schedule_for(tiny, sched), "cls-attn")
+    learner, metrics = tune_tokens(tiny, few_shot(data, 2), spec, TuneConfig(n_ctx=n_ctx, mode=mode, epochs=2, batch_size=2),
+                                   quiet=True)
+    return spec, learner, metrics
+
+
+def test_tokens_are_protected_and_invisible_to_the_predictor(tiny, data):
+    spec, learner, _ = _tune(tiny, data)
+    enc = tuned_encoder(tiny, EncoderSpec(spec.schedule, "predictor"), learner)
+    seen = {}
+    enc.scorer.predictor.register_forward_hook(lambda m, i, o: seen.update(n=i[0].shape[1]))
+    vt = learner.visual_tokens().detach()
+    enc.visual_prompts = vt
+    pixels, _, _ = data.load(range(2), tiny.preprocess)
+    with torch.no_grad():
+        x = enc.tokens_before(pixels, 1)
+        enc(pixels)
+    assert seen["n"] == 64  # only the 64 patches reach the predictor
+    assert enc.num_prefix == 3 and torch.allclose(x[:, 1:3], enc.transformer.resblocks[0](enc.embed(pixels))[:, 1:3])
+    # after pruning the prefix (CLS + 2 tokens) is intact: stage 1 keeps 32 patches + 3 protected tokens
+    sel, kept = enc.select(x, 1)
+    assert sel.shape[1] == 3 + 32 and torch.equal(sel[:, :3], x[:, :3])
+
+
+def test_n_ctx_zero_is_the_untuned_model(tiny, data):
+    spec, learner, metrics = _tune(tiny, data, n_ctx=0)
+    assert metrics["history"] == [] and learner.visual_tokens() is None
+    tuned = evaluate_tuned(tiny, learner, data, spec)
+    plain = evaluate_zero_shot(tiny, data, spec)
+    assert tuned["top1"] == plain["top1"] and tuned.get("top5") == plain.get("top5")
+
+
+@pytest.mark.parametrize("mode", ["text", "visual", "both"])
+def test_modes_train(tiny, data, mode):
+    spec, learner, metrics = _tune(tiny, data, mode=mode)
+    assert len(metrics["history"]) == 2 and np.isfinite(metrics["history"][-1]["loss"])
+    assert (learner.visual_tokens() is None) == (mode == "text")
+
+
+def test_tuned_export_with_classifier_matches_pytorch(tiny, data, tmp_path):
+    spec, learner, metrics = _tune(tiny, data)
+    tokens = tmp_path / "tok.safetensors"
+    save_tuned(learner, tokens, tiny, spec, TuneConfig(n_ctx=2), data.classnames, metrics)
+    extras = export_extras(tiny, spec, tokens, classifier=True)
+    res = export_onnx(tiny, spec, tmp_path / "m.onnx", ExportOptions(), visual_prompts=extras["visual_prompts"],
+                      extra_manifest=extras["manifest"], class_embeds=extras["class_embeds"])
+    assert res.report.passed, res.report.failure_summary()
+    assert res.report.metrics["logits @ batch 7"]["max_abs"] <= 1e-4
+    man = json.loads(res.manifest_path.read_text())
+    assert man["classnames"] == ["blue", "red"] and man["tokens"]["visual_tokens"] == 2 and man["num_prefix_tokens"] == 3
+    assert [o["name"] for o in man["outputs"]] == ["image_embeds", "logits"]
+    # the export's top-1 equals PyTorch's
+    sess = ort_session(res.onnx_path)
+    pixels, labels, _ = data.load(range(len(data)), tiny.preprocess)
+    logits = sess.run(None, {"pixel_values": pixels.numpy()})[1]
+    onnx_top1 = 100.0 * (logits.argmax(1) == labels).mean()
+    assert onnx_top1 == pytest.approx(evaluate_tuned(tiny, learner, data, spec)["top1"])
+
+
+def test_tokens_for_another_model_or_schedule_are_refused(tiny, data, tmp_path):
+    spec, learner, metrics = _tune(tiny, data)
+    tokens = tmp_path / "tok.safetensors"
+    save_tuned(learner, tokens, tiny, spec, TuneConfig(n_ctx=2), data.classnames, metrics)
+    with pytest.raises(PrtoolError, match="schedule '1:32', not '1:16'"):
+        export_extras(tiny, EncoderSpec(schedule_for(tiny, "1:16"), "cls-attn"), tokens, classifier=False)
+    meta = json.loads(tokens.with_suffix(".json").read_text())
+    meta["model_id"]["model"] = "ViT-B-16"
+    tokens.with_suffix(".json").write_text(json.dumps(meta))
+    with pytest.raises(PrtoolError, match="tuned for model 'ViT-B-16', not 'prtool-tiny'"):
+        load_tokens(tokens, tiny.model, None, 32, tiny.model_id, "1:32")
+
+
+def test_export_text_with_learned_context(tiny, data, tmp_path):
+    from prtool.text_export import export_text
+
+    spec, learner, metrics = _tune(tiny, data, mode="text")
+    tokens = tmp_path / "tok.safetensors"
+    save_tuned(learner, tokens, tiny, spec, TuneConfig(n_ctx=2, mode="text"), data.classnames, metrics)
+    res = export_text(tiny, tmp_path / "text.onnx", tokens)
+    assert res["n_ctx"] == 2 and res["max_abs"] <= 1e-4
+    ids = learner.prompt_tokens(["red", "blue"])
+    got = ort_session(tmp_path / "text.onnx").run(None, {"input_ids": ids.numpy()})[0]
+    with torch.no_grad():
+        ref = learner.class_embeddings(["red", "blue"]).numpy()
+    assert np.abs(got - ref).max() <= 1e-4
+
+
+def test_bench_prompts_rows(tiny, data):
+    from prtool.bench_prompts import bench_prompts, markdown_table
+
+    res = bench_prompts(tiny, data, data, schedule_for(tiny, "1:32"), "cls-attn", None,
+                        TuneConfig(n_ctx=2, shots=2, epochs=1, batch_size=2))
+    assert [r["row"] for r in res["rows"]] == ["none", "prune", "T", "T+prune", "T+V", "T+V+prune"]
+    g = {r["row"]: r["gflops"] for r in res["rows"]}
+    assert g["prune"] < g["none"] < g["T+V"] and g["T+prune"] == g["prune"]
+    assert "| T+V+prune | 1:32 |" in markdown_table(res)
