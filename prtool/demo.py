@@ -7,7 +7,6 @@ write a report folder (JSON, markdown, pictures of kept patches).
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from pathlib import Path
@@ -71,10 +70,8 @@ def run_demo(out: Path, limit: int | None = None, latency_batch: int = 32, laten
     ideal = rows["unpruned"]["cost"]["gmacs"] / rows["pruned"]["cost"]["gmacs"]
 
     pictures = out / "kept_patches.png"
-    enc, _ = build_pruned_encoder(loaded, specs["pruned"], return_indices=True)
-    enc.return_indices = True
+    enc, _ = build_pruned_encoder(loaded, specs["pruned"])
     with torch.no_grad():
-        _, kept = enc(pixels[:8])
         first = schedule.first_block
         x = enc.tokens_before(pixels[:8], first)
         order = torch.argsort(enc.scorer(x, enc.num_prefix, enc.transformer.resblocks[first]), dim=1,
@@ -132,7 +129,7 @@ def render_markdown(report: dict) -> str:
         "|" + "---|" * len(SUMMARY_COLUMNS),
     ]
     for r in summary_rows(report):
-        lines.append("| " + " | ".join("-" if v is None else (f"{v:.4f}" if isinstance(v, float) and v < 1.0001 and v > 0.5 else str(v)) for v in r) + " |")
+        lines.append("| " + " | ".join(_cell(v) for v in r) + " |")
     lines += [
         "",
         f"Latency ({lat['backend']}, batch {lat['batch']}, {lat['threads']} threads, interleaved): "
@@ -145,5 +142,9 @@ def render_markdown(report: dict) -> str:
     return "\n".join(lines)
 
 
-def dump(report: dict) -> str:
-    return json.dumps(report, indent=2, default=str)
+def _cell(v) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, bool):
+        return "yes" if v else "NO"
+    return f"{v:.4g}" if isinstance(v, float) else str(v)

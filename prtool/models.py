@@ -126,11 +126,11 @@ def _check_vit(model: nn.Module, name: str) -> None:
         )
 
 
-def load_clip(name: str, pretrained: str | None = "none", device: str = "cpu") -> LoadedModel:
+def load_clip(name: str, pretrained: str | None = None, device: str = "cpu") -> LoadedModel:
     """Build an open_clip CLIP in eval mode and load its weights.
 
     ``pretrained`` is an open_clip tag, a local checkpoint path, or ``"none"`` for random
-    weights. The name ``testbed`` defaults to its committed checkpoint.
+    weights. ``None`` means the committed checkpoint for ``testbed`` and random weights otherwise.
     """
     oc = _open_clip()
     register_testbed()

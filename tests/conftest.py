@@ -82,3 +82,18 @@ def tiny_testbed_like():
     from prtool.models import load_clip
 
     return load_clip("testbed", "none")
+
+
+def cli(capsys, *args):
+    """Run ``prtool ARGS`` in-process through the real entry point (its one-line error contract
+    included); returns ``(exit_code, stdout, stderr)``."""
+    from prtool.cli.app import main
+
+    argv, sys.argv = sys.argv, ["prtool", *map(str, args)]
+    try:
+        with pytest.raises(SystemExit) as exc:
+            main()
+    finally:
+        sys.argv = argv
+    out, err = capsys.readouterr()
+    return (exc.value.code or 0), out, err

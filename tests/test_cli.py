@@ -7,21 +7,8 @@ import sys
 
 import pytest
 import torch
+from conftest import cli
 from safetensors.torch import save_file
-
-from prtool.cli.app import main
-
-
-def cli(capsys, *args):
-    argv = sys.argv
-    sys.argv = ["prtool", *map(str, args)]
-    try:
-        with pytest.raises(SystemExit) as exc:
-            main()
-    finally:
-        sys.argv = argv
-    out, err = capsys.readouterr()
-    return (exc.value.code or 0), out, err
 
 
 def assert_user_error(code, err, *fragments):

@@ -9,10 +9,9 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-import typer
+from conftest import cli
 from onnx import TensorProto, helper
 
-from prtool.cli import deploy_cmd
 from prtool.deploy.build_config import fp32_layer_patterns, resolve_build_config, trtexec_command
 from prtool.deploy.engine_manifest import (
     build_engine_manifest,
@@ -26,29 +25,6 @@ from prtool.errors import PrtoolError
 from prtool.manifest import write_json_atomic
 
 RECIPES = Path(__file__).parents[1] / "export" / "recipes"
-APP = typer.Typer(pretty_exceptions_enable=False, add_completion=False)
-APP.command("build")(deploy_cmd.build)
-APP.command("validate")(deploy_cmd.validate)
-APP.command("package")(deploy_cmd.package)
-
-
-def cli(capsys, *args):
-    """Run the deploy commands in-process with prtool.cli.app.main's error contract."""
-    argv, sys.argv = sys.argv, ["prtool", *map(str, args)]
-    try:
-        APP()
-        code = 0
-    except PrtoolError as exc:
-        print(f"prtool: error: {exc}", file=sys.stderr)
-        code = exc.exit_code
-    except SystemExit as exc:
-        code = exc.code or 0
-    finally:
-        sys.argv = argv
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
 def one_line_error(code, err, *fragments):
     lines = [line for line in err.strip().splitlines() if line.strip()]
     assert code != 0 and len(lines) == 1 and lines[0].startswith("prtool: error: "), err
@@ -196,7 +172,7 @@ def test_recipes_parse_and_fit_their_models():
 
     import open_clip
 
-    from prtool.cli import export_cmd
+    from prtool.cli import deploy_cmd, export_cmd
     from prtool.recipes import read_recipe
     from prtool.schedule import parse_schedule
 

@@ -2,43 +2,19 @@
 
 import json
 import re
-import sys
 
 import onnx
 import pytest
-import typer
+from conftest import cli
 
 from prtool.build import EncoderSpec, schedule_for
-from prtool.cli import deploy_cmd
 from prtool.deploy.build_config import resolve_build_config
 from prtool.deploy.engine_manifest import build_engine_manifest, engine_manifest_path
 from prtool.deploy.triton import package_triton
-from prtool.errors import PrtoolError
 from prtool.export import ExportOptions, export_onnx
 from prtool.manifest import write_json_atomic
 
-APP = typer.Typer(pretty_exceptions_enable=False, add_completion=False)
-APP.command("package")(deploy_cmd.package)
-APP.command("validate")(deploy_cmd.validate)
 ONNX_TYPES = {onnx.TensorProto.FLOAT: "TYPE_FP32", onnx.TensorProto.INT64: "TYPE_INT64"}
-
-
-def cli(capsys, *args):
-    """Run the deploy commands in-process with prtool.cli.app.main's error contract."""
-    argv, sys.argv = sys.argv, ["prtool", *map(str, args)]
-    try:
-        APP()
-        code = 0
-    except PrtoolError as exc:
-        print(f"prtool: error: {exc}", file=sys.stderr)
-        code = exc.exit_code
-    except SystemExit as exc:
-        code = exc.code or 0
-    finally:
-        sys.argv = argv
-    out, err = capsys.readouterr()
-    return code, out, err
-
 
 _TOKEN = re.compile(r'\s*(?:#[^\n]*\n\s*)*("(?:[^"\\]|\\.)*"|[{}\[\]:,]|[^\s{}\[\]:,"#]+)')
 

@@ -2,42 +2,19 @@
 of weights that cannot be rebuilt; engines on TensorRT where it exists."""
 
 import json
-import sys
 
 import pytest
 import torch
-import typer
+from conftest import cli
 from safetensors.torch import save_file
 
 from prtool.build import EncoderSpec, schedule_for
-from prtool.cli import deploy_cmd
 from prtool.deploy.rebuild import rebuild_encoder
 from prtool.deploy.verify import PRECISION_TOLERANCES, validate_artifact
 from prtool.errors import PrtoolError
 from prtool.export import ExportOptions, export_onnx
 from prtool.models import load_clip
 from prtool.predictor import PredictorConfig, RankingPredictor, save_predictor
-
-APP = typer.Typer(pretty_exceptions_enable=False, add_completion=False)
-APP.command("build")(deploy_cmd.build)
-APP.command("validate")(deploy_cmd.validate)
-
-
-def cli(capsys, *args):
-    """Run the deploy commands in-process with prtool.cli.app.main's error contract."""
-    argv, sys.argv = sys.argv, ["prtool", *map(str, args)]
-    try:
-        APP()
-        code = 0
-    except PrtoolError as exc:
-        print(f"prtool: error: {exc}", file=sys.stderr)
-        code = exc.exit_code
-    except SystemExit as exc:
-        code = exc.code or 0
-    finally:
-        sys.argv = argv
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 @pytest.fixture(scope="module")

@@ -45,7 +45,7 @@ def accuracy(
     from prtool.manifest import write_json_atomic
     from prtool.models import load_clip
 
-    loaded = load_clip(model, pretrained if pretrained is not None else ("default" if model == "testbed" else "none"))
+    loaded = load_clip(model, pretrained)
     dataset = load_dataset(data, split, image_root).limit(limit)
     scheds = [schedule_for(loaded, s) for s in (schedule or [])]
     if keep_ratios:
@@ -92,7 +92,7 @@ def speed(
     from prtool.manifest import write_json_atomic
     from prtool.models import load_clip
 
-    loaded = load_clip(model, pretrained if pretrained is not None else ("default" if model == "testbed" else "none"))
+    loaded = load_clip(model, pretrained)
     out.mkdir(parents=True, exist_ok=True)
     result = bench_speed(loaded, schedule, keep_ratio, stages, first_block,
                          [v.strip() for v in variants.split(",") if v.strip()],
@@ -141,7 +141,7 @@ def prompts(
     from prtool.models import load_clip
     from prtool.tune import TuneConfig
 
-    loaded = load_clip(model, pretrained if pretrained is not None else ("default" if model == "testbed" else "none"))
+    loaded = load_clip(model, pretrained)
     sched = schedule_for(loaded, schedule, keep_ratio, stages, first_block)
     cfg = TuneConfig(n_ctx=n_ctx, shots=shots, epochs=epochs, seed=seed)
     result = bench_prompts(loaded, load_dataset(data, train_split, image_root),

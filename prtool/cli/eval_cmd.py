@@ -42,7 +42,7 @@ def eval_(
     from prtool.evaluate import evaluate_zero_shot
     from prtool.models import load_clip
 
-    loaded = load_clip(model, pretrained if pretrained is not None else ("default" if model == "testbed" else "none"))
+    loaded = load_clip(model, pretrained)
     dataset = load_dataset(data, split, image_root, templates)
     dataset = (few_shot(dataset, shots, seed) if shots else dataset).limit(limit)
     spec = EncoderSpec(schedule_for(loaded, schedule, keep_ratio, stages, first_block), scorer, predictor, seed=seed)

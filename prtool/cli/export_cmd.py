@@ -53,8 +53,7 @@ def export(
     from prtool.validate import Tolerances
 
     values = apply_recipe(recipe, ctx, params, section="export")
-    loaded = load_clip(values["model"], values["pretrained"] if values["pretrained"] is not None else
-                       ("default" if values["model"] == "testbed" else "none"))
+    loaded = load_clip(values["model"], values["pretrained"])
     if no_prune:
         sched = schedule_for(loaded, "none")
     else:

@@ -13,12 +13,6 @@ from prtool.cli.common import emit, setup, table
 Rankings = Annotated[Path, typer.Option("--rankings", "-r", help="A rankings store made by `prtool rank`.")]
 
 
-def _load(model: str, pretrained: str | None):
-    from prtool.models import load_clip
-
-    return load_clip(model, pretrained if pretrained is not None else ("default" if model == "testbed" else "none"))
-
-
 def rank(
     out: Annotated[Path, typer.Option("--out", "-o", help="Store directory (resumes if it exists with the same options).")],
     model: o.Model = "testbed",
@@ -47,9 +41,10 @@ def rank(
     setup(quiet, verbose)
     from prtool.datasets import few_shot, load_dataset
     from prtool.jobs import default_rank_block, rank_dataset
+    from prtool.models import load_clip
     from prtool.ranking import RankConfig
 
-    loaded = _load(model, pretrained)
+    loaded = load_clip(model, pretrained)
     dataset = load_dataset(data, split, image_root)
     dataset = (few_shot(dataset, shots, seed) if shots else dataset).limit(limit)
     cfg = RankConfig(rank_block if rank_block is not None else default_rank_block(loaded), score, block_size, stride,
@@ -86,9 +81,10 @@ def train(
     setup(quiet, verbose)
     from prtool.datasets import load_dataset
     from prtool.jobs import train_from_store
+    from prtool.models import load_clip
     from prtool.predictor_train import PredictorTrainConfig
 
-    loaded = _load(model, pretrained)
+    loaded = load_clip(model, pretrained)
     dataset = load_dataset(data, split, image_root)
     cfg = PredictorTrainConfig(epochs, batch_size, lr, weight_decay, tau, val_fraction, seed)
     result = train_from_store(loaded, dataset, rankings, out, cfg, k_final, quiet=quiet)
@@ -119,9 +115,10 @@ def show(
     setup(quiet, verbose)
     from prtool.build import schedule_for
     from prtool.datasets import load_dataset
+    from prtool.models import load_clip
     from prtool.show import render_show
 
-    loaded = _load(model, pretrained)
+    loaded = load_clip(model, pretrained)
     dataset = load_dataset(data, split, image_root)
     sched = schedule_for(loaded, schedule, keep_ratio, stages, first_block)
     result = render_show(loaded, dataset, sched, out, rankings, predictor, count)

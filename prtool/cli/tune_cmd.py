@@ -45,7 +45,7 @@ def tune(
     from prtool.models import load_clip
     from prtool.tune import TuneConfig, evaluate_tuned, save_tuned, tune_tokens
 
-    loaded = load_clip(model, pretrained if pretrained is not None else ("default" if model == "testbed" else "none"))
+    loaded = load_clip(model, pretrained)
     spec = EncoderSpec(schedule_for(loaded, schedule, keep_ratio, stages, first_block), scorer, predictor, seed=seed)
     cfg = TuneConfig(n_ctx, mode, shots, epochs, batch_size, lr, init=init, seed=seed)
     train = few_shot(load_dataset(data, split, image_root), shots, seed)
@@ -75,6 +75,6 @@ def export_text(
     from prtool.models import load_clip
     from prtool.text_export import export_text as run
 
-    loaded = load_clip(model, pretrained if pretrained is not None else ("default" if model == "testbed" else "none"))
+    loaded = load_clip(model, pretrained)
     result = run(loaded, out, tokens, opset=opset)
     emit(result, as_json, lambda r: print(f"wrote {r['onnx']} (n_ctx {r['n_ctx']}, max abs diff vs PyTorch {r['max_abs']:.1e})"))
