@@ -9,14 +9,14 @@ import os
 import platform
 
 
-def _version(module: str) -> str | None:
-    import importlib
+def _version(distribution: str) -> str | None:
+    """An installed distribution's version, read from its metadata (nothing is imported)."""
+    from importlib import metadata
 
     try:
-        mod = importlib.import_module(module)
-    except Exception:  # an optional package can fail to import in many ways (missing CUDA libs, ...)
+        return metadata.version(distribution)
+    except metadata.PackageNotFoundError:
         return None
-    return getattr(mod, "__version__", "unknown")
 
 
 def cpu_model() -> str:
@@ -44,12 +44,12 @@ def collect_env() -> dict:
         "torch_cuda_build": torch.version.cuda,
         "cuda_available": torch.cuda.is_available(),
         "gpus": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else [],
-        "open_clip": _version("open_clip"),
+        "open_clip": _version("open_clip_torch"),
         "onnx": _version("onnx"),
-        "onnxruntime": _version("onnxruntime"),
+        "onnxruntime": _version("onnxruntime") or _version("onnxruntime-gpu"),
         "onnxruntime_providers": [],
         "polygraphy": _version("polygraphy"),
-        "tensorrt": _version("tensorrt"),
+        "tensorrt": _version("tensorrt") or _version("tensorrt-cu12") or _version("tensorrt-cu13"),
     }
     try:
         import onnxruntime as ort

@@ -21,9 +21,9 @@ def assert_user_error(code, err, *fragments):
 
 
 def test_help_and_env_run_as_a_subprocess():
-    help_ = subprocess.run([sys.executable, "-m", "prtool", "--help"], capture_output=True, text=True, timeout=120)
+    help_ = subprocess.run([sys.executable, "-m", "prtool", "--help"], capture_output=True, text=True, timeout=600)
     assert help_.returncode == 0 and "export" in help_.stdout and "inspect" in help_.stdout
-    env = subprocess.run([sys.executable, "-m", "prtool", "env", "--json"], capture_output=True, text=True, timeout=120)
+    env = subprocess.run([sys.executable, "-m", "prtool", "env", "--json"], capture_output=True, text=True, timeout=600)
     assert env.returncode == 0, env.stderr
     info = json.loads(env.stdout)
     assert info["torch"] and "CPUExecutionProvider" in info["onnxruntime_providers"]

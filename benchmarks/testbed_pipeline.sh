@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# Regenerates every committed testbed artifact and result from scratch, with prtool's own commands:
+# the checkpoint, its reference embedding, golden rankings, the predictor, and the benchmark tables.
+#   bash benchmarks/testbed_pipeline.sh            # everything (~2 h on 2 cores; training is ~70 min)
+#   SKIP_TRAIN=1 bash benchmarks/testbed_pipeline.sh   # keep the committed checkpoint
+# Needs Debian's dataset-fashion-mnist for training; run `make install` first.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export PATH="$PWD/.venv/bin:$PATH"
+A=prtool/testbed/assets
+R=runs/pipeline
+ENV=$(python -c "from prtool.envinfo import env_fingerprint; print(env_fingerprint())")
+RES=benchmarks/results
+mkdir -p $R $RES
+step() { echo "== $(date +%T) $*" >&2; }
+if [ -z "${SKIP_TRAIN:-}" ]; then
+  step "train the testbed CLIP"
+  prtool testbed train -o $A/testbed.safetensors --json > $R/train.json
+fi
+step "unpruned zero-shot top-1 (PyTorch and the ONNX export in onnxruntime)"
+prtool eval -m testbed -d testbed --json -q > $R/eval_unpruned_torch.json
+prtool export -m testbed --no-prune -o $R/unpruned.onnx -q > /dev/null
+prtool eval -m testbed -d testbed --onnx $R/unpruned.onnx --json -q > $R/eval_unpruned_onnx.json
+step "golden rankings at block 1 (2x2 windows, stride 2), train and test splits, 2 processes"
+for split in train test; do
+  OMP_NUM_THREADS=1 python -m torch.distributed.run --standalone --nproc_per_node 2 -m prtool rank -m testbed -d testbed \
+    --split $split --limit 2000 --stride 2 --rank-block 1 -o runs/rankings/$split-b1-s2 --json -q > $R/rank_$split.json
+done
+step "train the predictor"
+prtool train -r runs/rankings/train-b1-s2 -m testbed -d testbed --split train --k-final 118 -o $A/predictor.safetensors --json -q > $R/predictor.json
+step "benchmarks"
+PRED=$A/predictor.safetensors
+RT=runs/rankings/test-b1-s2
+prtool bench accuracy -s 2:98 --methods none,random,cls-attn,brightness -o $R/discrimination -q > /dev/null
+prtool bench accuracy --keep-ratios 0.8,0.7,0.6,0.5 --first-block 1 --methods none,golden,random,patch-ranking,cls-attn,brightness \
+  -r $RT --predictor $PRED -o $R/oracle -q > /dev/null
+prtool bench accuracy -s 1:20,2:20,3:19,4:19 --methods none,patch-ranking,golden,random,cls-attn,evit,tome \
+  -r $RT --predictor $PRED -o $R/peers -q > /dev/null
+for b in discrimination oracle peers; do
+  cp $R/$b/accuracy.md $RES/testbed-$b-$ENV.md; cp $R/$b/accuracy.json $RES/testbed-$b-$ENV.json
+  cp $R/$b/accuracy_vs_gflops.png $RES/testbed-$b-$ENV.png
+done
+step done
