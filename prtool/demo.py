@@ -72,10 +72,7 @@ def run_demo(out: Path, limit: int | None = None, latency_batch: int = 32, laten
     pictures = out / "kept_patches.png"
     enc, _ = build_pruned_encoder(loaded, specs["pruned"])
     with torch.no_grad():
-        first = schedule.first_block
-        x = enc.tokens_before(pixels[:8], first)
-        order = torch.argsort(enc.scorer(x, enc.num_prefix, enc.transformer.resblocks[first]), dim=1,
-                              descending=True, stable=True)
+        order = torch.argsort(enc.first_stage_scores(pixels[:8]), dim=1, descending=True, stable=True)
     canvases = dataset.arrays[[dataset.samples[i][0] for i in range(min(8, len(dataset)))]]
     grid = loaded.visual.grid_size
     save_rows([stage_panels(c, order[i].numpy(), list(schedule.keep), grid,

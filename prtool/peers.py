@@ -47,12 +47,6 @@ class _PeerEncoder(PrunedVisionTransformer):
     def expected_topk_nodes(self) -> int:
         return len(self.schedule.stages)  # one ranking per stage
 
-    def _finish(self, x: torch.Tensor) -> torch.Tensor:
-        pooled = self.ln_post(x[:, 0])
-        if self.proj is not None:
-            pooled = pooled @ self.proj
-        return F.normalize(pooled, dim=-1) if self.normalize else pooled
-
 
 class EViTVisionTransformer(_PeerEncoder):
     method = "evit"
@@ -81,7 +75,7 @@ class EViTVisionTransformer(_PeerEncoder):
                 x = self.reduce(x, blk, n, self._stage_keep[i])
                 n = self._stage_keep[i]
             x = blk(x)
-        return self._finish(x)
+        return self.pool(x)
 
 
 def bipartite_merge(x: torch.Tensor, size: torch.Tensor, metric: torch.Tensor, r: int, protected: int, n: int):
@@ -132,7 +126,7 @@ class ToMeVisionTransformer(_PeerEncoder):
                 n -= removed[i]
                 merged = True
             x = blk(x, attn_mask=proportional_attention_mask(size, blk.attn.num_heads) if merged else None)
-        return self._finish(x), size
+        return self.pool(x), size
 
     def forward(self, pixels: torch.Tensor, patch_scores=None):
         return self.forward_with_sizes(pixels)[0]
@@ -162,7 +156,7 @@ class StaticKeepVisionTransformer(_PeerEncoder):
             if i in self._stage_keep:
                 x = x[:, : self.num_prefix + self._stage_keep[i]]
             x = blk(x)
-        return self._finish(x)
+        return self.pool(x)
 
 
 PEERS = {"evit": EViTVisionTransformer, "tome": ToMeVisionTransformer, "static": StaticKeepVisionTransformer}

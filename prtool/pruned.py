@@ -140,6 +140,21 @@ class PrunedVisionTransformer(nn.Module):
             x = blk(x)
         return x
 
+    def pool(self, x: torch.Tensor, normalize: bool | None = None) -> torch.Tensor:
+        """``ln_post(CLS) @ proj`` for ``[B, T, D]`` tokens -> ``[B, E]``, L2-normalized if asked
+        (default: as the encoder was built)."""
+        pooled = self.ln_post(x[:, 0])
+        if self.proj is not None:
+            pooled = pooled @ self.proj
+        normalize = self.normalize if normalize is None else normalize
+        return F.normalize(pooled, dim=-1) if normalize else pooled
+
+    def first_stage_scores(self, pixels: torch.Tensor) -> torch.Tensor:
+        """The scorer's ``[B, N]`` patch scores at the first stage (for pictures and validation)."""
+        block = self.schedule.first_block
+        x = self.tokens_before(pixels, block)
+        return self.scorer(x, self.num_prefix, self.transformer.resblocks[block])
+
     def select(self, x: torch.Tensor, block_index: int,
                patch_scores: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """First stage: score, TopK(k1, sorted) and gather. Returns ``(x, kept_idx [B, k1])``.
@@ -166,11 +181,7 @@ class PrunedVisionTransformer(nn.Module):
                 else:
                     x = x[:, : p + self._stage_keep[i]]
             x = blk(x)
-        pooled = self.ln_post(x[:, 0])
-        if self.proj is not None:
-            pooled = pooled @ self.proj
-        if self.normalize:
-            pooled = F.normalize(pooled, dim=-1)
+        pooled = self.pool(x)
         if self.return_indices:
             return pooled, kept[:, : self.schedule.final_keep]
         return pooled

@@ -81,10 +81,7 @@ class GoldenRanker:
         enc = self.encoder
         for blk in enc.transformer.resblocks[self.cfg.rank_block :]:
             x = blk(x)
-        pooled = enc.ln_post(x[:, 0])
-        if enc.proj is not None:
-            pooled = pooled @ enc.proj
-        return F.normalize(pooled.float(), dim=-1)
+        return F.normalize(enc.pool(x, normalize=False).float(), dim=-1)
 
     def _score(self, emb: torch.Tensor, full: torch.Tensor, label: int | None) -> torch.Tensor:
         if self.cfg.score == "preservation":

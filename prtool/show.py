@@ -51,8 +51,7 @@ def _orders(loaded, dataset, schedule, rows, rankings, predictor) -> dict[str, n
     for name, path in scorers:
         enc, _ = build_pruned_encoder(loaded, EncoderSpec(schedule, name, path))
         with torch.no_grad():
-            x = enc.tokens_before(pixels, block)
-            scores = enc.scorer(x, enc.num_prefix, enc.transformer.resblocks[block])
+            scores = enc.first_stage_scores(pixels)
         out[name] = torch.argsort(scores, dim=1, descending=True, stable=True).numpy()
     return out
 

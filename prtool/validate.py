@@ -96,10 +96,8 @@ def first_stage_scores(encoder, pixels: torch.Tensor) -> np.ndarray | None:
     """The scorer's patch scores at the first stage (used to recognise exact ties)."""
     if encoder.scorer is None or encoder.schedule.is_empty:
         return None
-    first = encoder.schedule.first_block
     with torch.no_grad():
-        x = encoder.tokens_before(pixels, first)
-        return encoder.scorer(x, encoder.num_prefix, encoder.transformer.resblocks[first]).numpy()
+        return encoder.first_stage_scores(pixels).numpy()
 
 
 def validation_images(images: Path | None, preprocess: dict, count: int) -> tuple[torch.Tensor, str]:
