@@ -18,7 +18,7 @@ from prtool.errors import PrtoolError
 from prtool.evaluate import evaluate_zero_shot, text_classifier
 from prtool.flops import encoder_cost
 from prtool.schedule import Schedule
-from prtool.stats import mean_and_stderr
+from prtool.stats import mean_and_stderr, paired_difference
 
 log = logging.getLogger(__name__)
 
@@ -40,24 +40,41 @@ def bench_accuracy(loaded, dataset, schedules: list[Schedule], methods: list[str
     # The unpruned row is always measured: it anchors every comparison.
     empty = Schedule((), schedules[0].num_patches, schedules[0].depth)
     enc, _ = build_pruned_encoder(loaded, EncoderSpec(empty))
-    baseline = evaluate_zero_shot(loaded, dataset, EncoderSpec(empty), class_emb=class_emb, batch_size=batch_size)
+    base_hits: list = []
+    baseline = evaluate_zero_shot(loaded, dataset, EncoderSpec(empty), class_emb=class_emb, batch_size=batch_size,
+                                  hits_out=base_hits)
     rows = [_row("none", empty, baseline, encoder_cost(enc))]
+    hits = {("none", "none"): base_hits[0]}
     for sched in schedules:
         for method in methods:
             if method == "none":
                 continue
             spec_seeds = seeds if method == "random" else [0]
-            results = []
+            results, seed_hits = [], []
             for seed in spec_seeds:
                 spec = EncoderSpec(sched, _SCORER[method], predictor if method == "patch-ranking" else None, seed=seed)
                 log.info("%s at %s (seed %d)", method, sched.to_string(), seed)
                 results.append(evaluate_zero_shot(loaded, dataset, spec, class_emb=class_emb, batch_size=batch_size,
-                                                  rankings=rankings if method == "golden" else None))
+                                                  rankings=rankings if method == "golden" else None, hits_out=seed_hits))
+            hits[(method, sched.to_string())] = np.mean(seed_hits, axis=0)  # per image; mean over seeds
             enc, _ = build_pruned_encoder(loaded, EncoderSpec(sched, _SCORER[method],
                                                               predictor if method == "patch-ranking" else None))
             rows.append(_row(method, sched, _merge(results), encoder_cost(enc), seeds=list(spec_seeds)))
+    _add_paired(rows, hits)
     return {"model": loaded.model_id, "dataset": dataset.name, "split": dataset.split, "images": len(dataset),
             "rows": rows}
+
+
+def _add_paired(rows: list[dict], hits: dict) -> None:
+    """Each row's top-1 minus Patch Ranking's (or, without it, the unpruned model's) at its schedule,
+    paired over the same images, with the standard error of that difference."""
+    for r in rows:
+        ref = "patch-ranking" if ("patch-ranking", r["schedule"]) in hits else "none"
+        key = (ref, r["schedule"] if ref != "none" else "none")
+        if r["method"] == ref or key not in hits:
+            continue
+        diff, se = paired_difference(hits[(r["method"], r["schedule"])], hits[key])
+        r["paired_vs"], r["paired_diff"], r["paired_se"] = ref, diff, se
 
 
 def _merge(results: list[dict]) -> dict:
@@ -82,7 +99,8 @@ def _row(method: str, sched: Schedule, res: dict, cost: dict, seeds: list[int] |
 
 
 def markdown_table(result: dict) -> str:
-    head = ["method", "schedule", "keep", "top-1 %", "top-5 %", "cos to unpruned", "top-1 agreement %", "GFLOPs"]
+    head = ["method", "schedule", "keep", "top-1 %", "top-5 %", "cos to unpruned", "top-1 agreement %", "GFLOPs",
+            "Δ top-1 (paired SE)"]
     lines = [f"Zero-shot on {result['dataset']}/{result['split']} ({result['images']} images), model "
              f"{result['model']['model']} ({result['model']['pretrained']}).", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -91,7 +109,10 @@ def markdown_table(result: dict) -> str:
         lines.append("| " + " | ".join([
             r["method"], r["schedule"], str(r["keep"]), top1, f"{r['top5']:.2f}" if r["top5"] is not None else "-",
             f"{r['mean_cosine']:.4f}" if r["mean_cosine"] is not None else "-",
-            f"{r['top1_agreement']:.1f}" if r["top1_agreement"] is not None else "-", f"{r['gflops']:.3f}"]) + " |")
+            f"{r['top1_agreement']:.1f}" if r["top1_agreement"] is not None else "-", f"{r['gflops']:.3f}",
+            f"{r['paired_diff']:+.2f} ± {r['paired_se']:.2f} vs {r['paired_vs']}" if r.get("paired_vs") else "-"]) + " |")
+    lines += ["", "Δ top-1: the row minus Patch Ranking at the same schedule (rows without it: minus the unpruned "
+              "model), per image on the same images; ± is the standard error of that paired difference."]
     return "\n".join(lines) + "\n"
 
 

@@ -29,7 +29,10 @@ BACKENDS = ("torch", "onnxruntime", "onnxruntime-cuda", "tensorrt")
 _SCORER = {"patch-ranking": "predictor", "static": "static", "cls-attn": "cls-attn", "evit": "evit", "tome": "tome"}
 
 
-def _runner(backend: str, encoder, onnx_path: Path | None, device: str):
+def _runner(backend: str, encoder, onnx_path: Path | None, device: str, batch_sizes: list[int] | None = None,
+            precision: str = "fp16"):
+    """A callable running one variant on ``backend``; each call returns when the outputs are on the host
+    (GPU backends synchronise: ONNX Runtime's ``run`` and :class:`TensorRTRunner` copy outputs back)."""
     if backend == "torch":
         enc = encoder.to(device)
 
@@ -43,8 +46,20 @@ def _runner(backend: str, encoder, onnx_path: Path | None, device: str):
 
         sess = ort_session(onnx_path)
         return lambda x: sess.run(None, {"pixel_values": x})
-    raise PrtoolError(f"backend {backend} is not available here: it needs a GPU "
-                      "(onnxruntime-cuda: pip install 'prtool[gpu]'; tensorrt: prtool build + the TensorRT runner)")
+    if backend == "onnxruntime-cuda":
+        from prtool.deploy.ort_gpu import OrtRunner
+
+        return OrtRunner(onnx_path, "cuda").infer
+    if backend == "tensorrt":
+        from prtool.deploy.build_config import resolve_build_config
+        from prtool.deploy.trt import TensorRTRunner, build_engine
+
+        sizes = batch_sizes or [1]
+        cfg = resolve_build_config(onnx_path, precision, min_batch=min(sizes), opt_batch=max(sizes), max_batch=max(sizes))
+        plan = Path(onnx_path).with_suffix(f".{precision}.plan")
+        build_engine(cfg, plan)
+        return TensorRTRunner(plan).infer
+    raise PrtoolError(f"unknown backend {backend!r}: use one of {', '.join(BACKENDS)}")
 
 
 def bench_speed(loaded, schedule_text: str | None, keep_ratio: float | None, stages: int, first_block: int | None,
@@ -56,7 +71,7 @@ def bench_speed(loaded, schedule_text: str | None, keep_ratio: float | None, sta
     sched = schedule_for(loaded, schedule_text, keep_ratio, stages, first_block)
     if sched.is_empty:
         raise PrtoolError("bench speed needs a pruning schedule (--schedule or --keep-ratio)")
-    device = "cuda" if torch.cuda.is_available() and backends == ["torch"] else "cpu"
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # the torch backend's device
     specs = {"baseline": EncoderSpec(schedule_for(loaded, "none"))}
     for v in variants:
         if v != "baseline":
@@ -72,7 +87,7 @@ def bench_speed(loaded, schedule_text: str | None, keep_ratio: float | None, sta
         if backend != "torch":
             for name, spec in specs.items():
                 paths[name] = export_onnx(loaded, spec, workdir / f"{name}.onnx", ExportOptions(validate=False)).onnx_path
-        runners = {name: _runner(backend, encoders[name], paths.get(name), device) for name in specs}
+        runners = {name: _runner(backend, encoders[name], paths.get(name), device, batch_sizes) for name in specs}
         h, w = loaded.preprocess["image_size"]
         for bs in batch_sizes:
             x = torch.randn(bs, 3, h, w, generator=torch.Generator().manual_seed(bs))
@@ -83,7 +98,7 @@ def bench_speed(loaded, schedule_text: str | None, keep_ratio: float | None, sta
             for name, m in lat.items():
                 ideal = costs["baseline"]["gmacs"] / costs[name]["gmacs"]
                 speed = base / m["p50_ms"]
-                results.append({"backend": backend, "device": device if backend == "torch" else "cpu", "batch": bs,
+                results.append({"backend": backend, "device": _device_of(backend, device), "batch": bs,
                                 "variant": name, **m, "images_per_s": bs / (m["p50_ms"] / 1000),
                                 "speedup": speed, "ideal_speedup": ideal, "measured_over_ideal": speed / ideal,
                                 "gmacs": costs[name]["gmacs"]})
@@ -93,6 +108,12 @@ def bench_speed(loaded, schedule_text: str | None, keep_ratio: float | None, sta
                                 "machinery_share_of_pruned_latency": share})
     return {"model": loaded.model_id, "schedule": sched.to_dict(), "threads": torch.get_num_threads(),
             "warmup": warmup, "iters": iters, "results": results}
+
+
+def _device_of(backend: str, torch_device: str) -> str:
+    if backend == "torch":
+        return torch_device
+    return "cuda" if backend in ("onnxruntime-cuda", "tensorrt") else "cpu"
 
 
 def markdown_table(result: dict) -> str:

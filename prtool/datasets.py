@@ -37,6 +37,11 @@ class ImageDataset:
     samples: list[tuple[object, int]]
     arrays: np.ndarray | None = None
     skipped: list[str] = field(default_factory=list)
+    synonyms: list[list[str]] | None = None  # names per class (first = classname); None: the classname alone
+
+    @property
+    def class_synonyms(self) -> list[list[str]]:
+        return self.synonyms or [[c.replace("_", " ")] for c in self.classnames]
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -47,7 +52,7 @@ class ImageDataset:
 
     def subset(self, indices) -> ImageDataset:
         return ImageDataset(self.name, self.split, self.classnames, self.class_prompts,
-                            [self.samples[int(i)] for i in indices], self.arrays)
+                            [self.samples[int(i)] for i in indices], self.arrays, synonyms=self.synonyms)
 
     def limit(self, n: int | None) -> ImageDataset:
         return self if n is None or n >= len(self) else self.subset(range(n))
@@ -124,7 +129,7 @@ def _testbed(split: str) -> ImageDataset:
     syn = [list(s) for s in spec.SYNONYMS]
     prompts = [[t.format(n) for t in spec.TEMPLATES for n in names] for names in syn]
     return ImageDataset("testbed", split, list(spec.CLASSNAMES), prompts,
-                        [(i, int(lab)) for i, lab in enumerate(labels)], canvases)
+                        [(i, int(lab)) for i, lab in enumerate(labels)], canvases, synonyms=syn)
 
 
 def _image_folder(root: Path, split: str) -> tuple[list[str], list[tuple[Path, int]]]:

@@ -2,7 +2,10 @@
 
 Export the unpruned and the pruned testbed encoder (each validated against PyTorch), score both
 exports' zero-shot top-1 on the shipped eval images in onnxruntime, time them side by side, and
-write a report folder (JSON, markdown, pictures of kept patches).
+write a report folder (JSON, markdown, pictures of kept patches). Next to them, at the same
+schedule: the peers EViT and ToMe (their own exports), and the pruned encoder with the shipped
+learnable tokens (``assets/tokens.safetensors``, made by ``prtool tune``) scored by its baked-in
+classifier head.
 """
 
 from __future__ import annotations
@@ -38,6 +41,23 @@ def demo_scorer() -> tuple[str, Path | None]:
     return "cls-attn", None
 
 
+def demo_tokens(loaded, spec: EncoderSpec):
+    """``(spec, export extras)`` for the shipped learnable tokens, or None when they are missing or were
+    tuned for another checkpoint or schedule (the demo then shows the other rows only)."""
+    from prtool.errors import PrtoolError
+    from prtool.tune import export_extras
+
+    if not tbspec.TOKENS_PATH.exists():
+        return None
+    try:
+        extras = export_extras(loaded, spec, tbspec.TOKENS_PATH, classifier=True)
+    except PrtoolError as exc:
+        log.warning("skipping the tuned row: %s", exc)
+        return None
+    return spec, {"visual_prompts": extras["visual_prompts"], "class_embeds": extras["class_embeds"],
+                  "extra_manifest": extras["manifest"]}
+
+
 def run_demo(out: Path, limit: int | None = None, latency_batch: int = 32, latency_iters: int = 20) -> dict:
     t_start = time.perf_counter()
     out = Path(out)
@@ -46,9 +66,16 @@ def run_demo(out: Path, limit: int | None = None, latency_batch: int = 32, laten
     schedule = schedule_for(loaded, keep_ratio=DEMO_KEEP_RATIO, stages=DEMO_STAGES)
     scorer, predictor = demo_scorer()
     specs = {"unpruned": EncoderSpec(schedule_for(loaded, "none")),
-             "pruned": EncoderSpec(schedule, scorer, predictor)}
-    log.info("exporting the unpruned and the pruned (%s, %s) testbed encoder", schedule.to_string(), scorer)
-    exports = {name: export_onnx(loaded, s, out / f"{name}.onnx", ExportOptions()) for name, s in specs.items()}
+             "pruned": EncoderSpec(schedule, scorer, predictor),
+             "evit": EncoderSpec(schedule, "evit"),
+             "tome": EncoderSpec(schedule, "tome")}
+    extras = {name: {} for name in specs}
+    tuned = demo_tokens(loaded, EncoderSpec(schedule, scorer, predictor))
+    if tuned is not None:
+        specs["pruned+tokens"], extras["pruned+tokens"] = tuned
+    log.info("exporting %s (schedule %s, scorer %s)", ", ".join(specs), schedule.to_string(), scorer)
+    exports = {name: export_onnx(loaded, s, out / f"{name}.onnx", ExportOptions(), **extras[name])
+               for name, s in specs.items()}
 
     dataset = load_dataset("testbed", "test").limit(limit)
     class_emb = text_classifier(loaded, dataset)
@@ -56,11 +83,11 @@ def run_demo(out: Path, limit: int | None = None, latency_batch: int = 32, laten
     for name, s in specs.items():
         log.info("zero-shot top-1 of %s.onnx on %d eval images (onnxruntime)", name, len(dataset))
         acc = evaluate_zero_shot(loaded, dataset, s, onnx_path=exports[name].onnx_path, class_emb=class_emb)
-        enc, _ = build_pruned_encoder(loaded, s)
-        rows[name] = {"accuracy": acc, "cost": encoder_cost(enc), "validation_passed": exports[name].report.passed,
-                      "onnx": str(exports[name].onnx_path)}
+        enc, _ = build_pruned_encoder(loaded, s, visual_prompts=extras[name].get("visual_prompts"))
+        rows[name] = {"schedule": s.schedule.to_string() or "none", "accuracy": acc, "cost": encoder_cost(enc),
+                      "validation_passed": exports[name].report.passed, "onnx": str(exports[name].onnx_path)}
 
-    log.info("timing both exports side by side (batch %d, %d interleaved iterations)", latency_batch, latency_iters)
+    log.info("timing the exports side by side (batch %d, %d interleaved iterations)", latency_batch, latency_iters)
     pixels, _, _ = dataset.load(range(min(latency_batch, len(dataset))), loaded.preprocess)
     feed = pixels.numpy().astype(np.float32)
     sessions = {name: ort_session(e.onnx_path) for name, e in exports.items()}
@@ -68,12 +95,17 @@ def run_demo(out: Path, limit: int | None = None, latency_batch: int = 32, laten
                               warmup=3, iters=latency_iters)
     speedup = lat["unpruned"]["p50_ms"] / lat["pruned"]["p50_ms"]
     ideal = rows["unpruned"]["cost"]["gmacs"] / rows["pruned"]["cost"]["gmacs"]
+    for name, row in rows.items():
+        row["speedup_p50"] = lat["unpruned"]["p50_ms"] / lat[name]["p50_ms"]
+        row["ideal_flop_speedup"] = rows["unpruned"]["cost"]["gmacs"] / row["cost"]["gmacs"]
 
     pictures = out / "kept_patches.png"
     enc, _ = build_pruned_encoder(loaded, specs["pruned"])
+    shown = range(min(8, len(dataset)))
+    shown_pixels, _, _ = dataset.load(shown, loaded.preprocess)
     with torch.no_grad():
-        order = torch.argsort(enc.first_stage_scores(pixels[:8]), dim=1, descending=True, stable=True)
-    canvases = dataset.arrays[[dataset.samples[i][0] for i in range(min(8, len(dataset)))]]
+        order = torch.argsort(enc.first_stage_scores(shown_pixels), dim=1, descending=True, stable=True)
+    canvases = dataset.arrays[[dataset.samples[i][0] for i in shown]]
     grid = loaded.visual.grid_size
     save_rows([stage_panels(c, order[i].numpy(), list(schedule.keep), grid,
                             titles=[f"block {b}: keep {k}" for b, k in zip(schedule.blocks, schedule.keep)])
@@ -102,15 +134,14 @@ def summary_rows(report: dict) -> list[tuple]:
     rows = []
     for name, v in report["variants"].items():
         a = v["accuracy"]
-        rows.append((name, report["schedule"]["string"] if name == "pruned" else "none",
-                     v["cost"]["tokens_per_block"][-1], round(v["cost"]["gflops"], 3), round(a["top1"], 2),
-                     round(a.get("top5", float("nan")), 2), a.get("mean_cosine_to_reference"),
-                     round(lat[name]["p50_ms"], 2), v["validation_passed"]))
+        rows.append((name, v["schedule"], v["cost"]["tokens_per_block"][-1], round(v["cost"]["gflops"], 3),
+                     round(a["top1"], 2), round(a.get("top5", float("nan")), 2), a.get("mean_cosine_to_reference"),
+                     round(lat[name]["p50_ms"], 2), round(v["speedup_p50"], 2), v["validation_passed"]))
     return rows
 
 
 SUMMARY_COLUMNS = ["variant", "schedule", "tokens in last block", "GFLOPs", "top-1 %", "top-5 %",
-                   "cos to unpruned", "p50 ms", "export validated"]
+                   "cos to unpruned", "p50 ms", "speedup", "export validated"]
 
 
 def render_markdown(report: dict) -> str:
@@ -128,6 +159,10 @@ def render_markdown(report: dict) -> str:
     for r in summary_rows(report):
         lines.append("| " + " | ".join(_cell(v) for v in r) + " |")
     lines += [
+        "",
+        "Rows: `pruned` is Patch Ranking (the predictor ranks once, TopK + Gather); `evit` and `tome` are the "
+        "peers at the same token counts; `pruned+tokens` adds the shipped learnable tokens (text context + "
+        "visual tokens) and is scored by the classifier head baked into its export.",
         "",
         f"Latency ({lat['backend']}, batch {lat['batch']}, {lat['threads']} threads, interleaved): "
         f"speedup {lat['speedup_p50']:.2f}x vs ideal FLOP ratio {lat['ideal_flop_speedup']:.2f}x "

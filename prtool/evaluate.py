@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from prtool.build import EncoderSpec, build_pruned_encoder
@@ -72,10 +73,46 @@ def brightness_scores_for(loaded: LoadedModel):
     return scores_for
 
 
+def _evaluate_onnx_logits(session, path: Path, dataset: ImageDataset, spec: EncoderSpec, batch_size: int,
+                          loaded: LoadedModel, skip_bad: bool) -> dict:
+    """Top-1/top-5 from an export's own classifier head (``logits``: e.g. a tuned model with
+    ``--tokens --classifier``), after checking that its classes are the dataset's, in order."""
+    import json
+
+    from prtool.zeroshot import topk_correct
+
+    manifest_path = path.with_suffix(".json")
+    manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else {}
+    names = manifest.get("classnames")
+    if names is not None and [c.replace("_", " ") for c in names] != [c.replace("_", " ") for c in dataset.classnames]:
+        raise PrtoolError(f"{path}'s classifier head has classes {names[:3]}..., not {dataset.name}'s "
+                          f"{dataset.classnames[:3]}...: export with --classifier for this dataset")
+    inp = session.get_inputs()[0].name
+    out_names = [o.name for o in session.get_outputs()]
+    correct, n = {1: 0, 5: 0}, 0
+    t0 = time.perf_counter()
+    for pixels, labels, _ in _progress_batches(dataset, batch_size, loaded.preprocess, "eval", skip_bad):
+        logits = dict(zip(out_names, session.run(None, {inp: pixels.numpy().astype(np.float32)})))["logits"]
+        if logits.shape[1] != len(dataset.classnames):
+            raise PrtoolError(f"{path} has {logits.shape[1]} classes in its logits, {dataset.name} has "
+                              f"{len(dataset.classnames)}: export with --classifier for this dataset")
+        for k, c in topk_correct(logits, np.asarray(labels)).items():
+            correct[k] += c
+        n += len(labels)
+    out = {"images": n, "top1": 100.0 * correct[1] / n}
+    if logits.shape[1] >= 5:
+        out["top5"] = 100.0 * correct[5] / n
+    sched = (manifest.get("schedule") or {}).get("string", spec.schedule.to_string()) or "none"
+    out.update({"backend": "onnxruntime", "head": "onnx logits", "dataset": dataset.name, "split": dataset.split,
+                "schedule": sched, "scorer": manifest.get("scorer", None if spec.schedule.is_empty else spec.scorer),
+                "seconds": round(time.perf_counter() - t0, 2), "skipped_images": list(dataset.skipped)})
+    return out
+
+
 def evaluate_zero_shot(loaded: LoadedModel, dataset: ImageDataset, spec: EncoderSpec | None = None,
                        onnx_path: Path | None = None, batch_size: int = 64, compare_unpruned: bool = True,
                        class_emb: torch.Tensor | None = None, skip_bad: bool = False,
-                       rankings: Path | None = None) -> dict:
+                       rankings: Path | None = None, hits_out: list | None = None) -> dict:
     """Top-1/top-5 on ``dataset``; pruned runs also report cosine/top-1 agreement with the unpruned model.
 
     ``spec.scorer == "golden"`` prunes each image by its own golden ranking from ``rankings``.
@@ -93,7 +130,10 @@ def evaluate_zero_shot(loaded: LoadedModel, dataset: ImageDataset, spec: Encoder
 
         if not Path(onnx_path).exists():
             raise PrtoolError(f"ONNX file {onnx_path} does not exist")
-        embed = onnx_embedder(ort_session(onnx_path))
+        session = ort_session(onnx_path)
+        if "logits" in [o.name for o in session.get_outputs()]:
+            return _evaluate_onnx_logits(session, Path(onnx_path), dataset, spec, batch_size, loaded, skip_bad)
+        embed = onnx_embedder(session)
         backend = "onnxruntime"
     else:
         encoder, _ = build_pruned_encoder(loaded, spec, normalize=True)
@@ -109,7 +149,7 @@ def evaluate_zero_shot(loaded: LoadedModel, dataset: ImageDataset, spec: Encoder
     reference = torch_embedder(baseline) if compare_unpruned and not spec.schedule.is_empty else None
     t0 = time.perf_counter()
     result = evaluate_embeddings(embed, _progress_batches(dataset, batch_size, loaded.preprocess, "eval", skip_bad),
-                                 class_emb, reference)
+                                 class_emb, reference, hits_out)
     result.update({"backend": backend, "dataset": dataset.name, "split": dataset.split,
                    "schedule": spec.schedule.to_string() or "none",
                    "scorer": None if spec.schedule.is_empty else spec.scorer,

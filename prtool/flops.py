@@ -2,8 +2,11 @@
 
 Per transformer block with n tokens of width D: ``12 n D^2`` (QKV, output projection, 4x MLP)
 plus ``2 n^2 D`` (attention scores and weighted sum). Plus the patch embedding ``N * 3 p^2 * D``,
-the output projection ``D * E`` and the scorer. torch's FlopCounterMode misses fused attention on
-CPU, hence the formula. ViT-B/16 at 224: 17.56 GMACs unpruned.
+the output projection ``D * E`` and the scorer. The peers' own selection work is counted too, per
+stage with ``n`` tokens entering: EViT's CLS attention (keys and scores, ``2 n D^2 + n D``) and
+fused token; ToMe's keys ``n D^2``, bipartite similarities ``ceil(n/2) floor(n/2) D`` and merges.
+torch's FlopCounterMode misses fused attention on CPU, hence the formula. ViT-B/16 at 224:
+17.56 GMACs unpruned.
 """
 
 from __future__ import annotations
@@ -16,16 +19,33 @@ def block_macs(n: int, dim: int) -> int:
 
 
 def encoder_macs(schedule: Schedule, dim: int, patch_size: int, embed_dim: int, num_prefix: int = 1,
-                 scorer_macs: int = 0) -> dict:
+                 scorer_macs: int = 0, selection_macs: int = 0) -> dict:
     """MACs per image, split into parts, for an encoder pruned by ``schedule``."""
     tokens = schedule.tokens_per_block(num_prefix)
     blocks = sum(block_macs(n, dim) for n in tokens)
     patch = schedule.num_patches * 3 * patch_size * patch_size * dim
     head = dim * embed_dim
-    total = blocks + patch + head + (scorer_macs if not schedule.is_empty else 0)
+    scorer = scorer_macs if not schedule.is_empty else 0
+    selection = selection_macs if not schedule.is_empty else 0
+    total = blocks + patch + head + scorer + selection
     return {"gmacs": total / 1e9, "gflops": 2 * total / 1e9, "blocks_gmacs": blocks / 1e9,
             "patch_embed_gmacs": patch / 1e9, "head_gmacs": head / 1e9,
-            "scorer_gmacs": (scorer_macs if not schedule.is_empty else 0) / 1e9, "tokens_per_block": tokens}
+            "scorer_gmacs": scorer / 1e9, "selection_gmacs": selection / 1e9, "tokens_per_block": tokens}
+
+
+def peer_selection_macs(method: str, schedule: Schedule, dim: int, num_prefix: int = 1) -> int:
+    """MACs EViT or ToMe spend choosing and fusing tokens (0 for other methods)."""
+    if method not in ("evit", "tome"):
+        return 0
+    total, n = 0, schedule.num_patches
+    for _, removed in schedule.stages:
+        t = n + num_prefix
+        if method == "evit":
+            total += 2 * t * dim * dim + t * dim + (removed + 1) * dim  # CLS attention + fused token
+        else:
+            total += t * dim * dim + ((n + 1) // 2) * (n // 2) * dim + removed * dim  # keys + matching + merge
+        n -= removed
+    return total
 
 
 def encoder_cost(encoder) -> dict:
@@ -39,4 +59,5 @@ def encoder_cost(encoder) -> dict:
     elif encoder.scorer is not None and encoder.scorer.name == "cls-attn":
         n = encoder.schedule.num_patches + encoder.num_prefix
         scorer_macs = 2 * n * encoder.width * encoder.width + n * encoder.width  # ln_1 + q/k projections + scores
-    return encoder_macs(encoder.schedule, encoder.width, patch, embed, encoder.num_prefix, scorer_macs)
+    selection = peer_selection_macs(getattr(encoder, "method", ""), encoder.schedule, encoder.width, encoder.num_prefix)
+    return encoder_macs(encoder.schedule, encoder.width, patch, embed, encoder.num_prefix, scorer_macs, selection)

@@ -2,7 +2,9 @@
 
 Inputs are the model's own patch tokens entering the rank block (CLIP frozen); targets are the
 stored per-token importances. Loss: ``KL(softmax(z(importance) / tau) || softmax(scores))``,
-averaged over the batch. AdamW + cosine schedule, seeded train/val split, match@K per epoch.
+averaged over the batch. AdamW + cosine schedule, seeded train/val split, match@K per epoch. A few
+thousand rankings are few for the Mix-MLP (it overfits them within tens of epochs), so the weights
+kept are those of the epoch with the best validation match@k_final (ties: lower validation loss).
 Under ``torchrun`` the predictor is wrapped in DistributedDataParallel.
 """
 
@@ -87,6 +89,7 @@ def train_predictor(tokens: torch.Tensor, store: RankingStore, cfg: PredictorTra
     gen = torch.Generator().manual_seed(cfg.seed)
     history = []
     ks = sorted({min(100, n), k_final})
+    best: tuple | None = None  # (match@k_final, -val_loss), epoch, state
     with progress_bar(cfg.epochs, "train predictor", quiet=quiet) as bar:
         for epoch in range(cfg.epochs):
             model.train()
@@ -105,11 +108,18 @@ def train_predictor(tokens: torch.Tensor, store: RankingStore, cfg: PredictorTra
             metrics = evaluate_predictor(predictor, tokens, imp, gold, val_rows, ks, cfg.tau)
             metrics["train_loss"] = float(np.mean(losses)) if losses else float("nan")
             history.append({"epoch": epoch + 1, **metrics})
+            key = (metrics[f"match@{k_final}"], -metrics["val_loss"])
+            if len(val_rows) and (best is None or key > best[0]):
+                best = (key, epoch + 1, {k: v.detach().clone() for k, v in predictor.state_dict().items()})
             bar.update(1, info=f"loss {metrics['train_loss']:.4f} val " +
                        " ".join(f"match@{k} {metrics[f'match@{k}']:.3f}" for k in ks))
     final = history[-1] if history else {}
+    if best is not None:
+        predictor.load_state_dict(best[2])
+        final = history[best[1] - 1]
     return predictor.eval(), {"train_config": asdict(cfg), "train_images": int(len(train_rows)),
-                              "val_images": int(len(val_rows)), "val_metrics": final, "history": history}
+                              "val_images": int(len(val_rows)), "best_epoch": final.get("epoch"),
+                              "val_metrics": final, "history": history}
 
 
 @torch.no_grad()

@@ -81,18 +81,30 @@ class PromptLearner(nn.Module):
         prefix = " ".join([PLACEHOLDER] * self.n_ctx)
         return self.tokenizer([f"{prefix} {c.replace('_', ' ')}.".strip() for c in classnames])
 
-    def class_embeddings(self, classnames: list[str], templates: list[list[str]] | None = None) -> torch.Tensor:
-        """Class text embeddings with the learned context; without text context, the zero-shot ones."""
+    def class_embeddings(self, classnames: list[str], templates: list[list[str]] | None = None,
+                         synonyms: list[list[str]] | None = None) -> torch.Tensor:
+        """Class text embeddings ``[C, E]`` with the learned context; without text context, the zero-shot ones.
+
+        With ``synonyms`` (names per class) a class embedding is the normalized mean of its names'
+        embeddings, each behind the same learned context, as the zero-shot classifier averages them.
+        """
         if not self.uses_text:
             from prtool.zeroshot import class_text_embeddings
 
             prompts = templates or [[f"a photo of a {c}."] for c in classnames]
             return class_text_embeddings(self.model, self.tokenizer, prompts)
-        tokens = self.prompt_tokens(classnames)
+        names = synonyms or [[c] for c in classnames]
+        if len(names) != len(classnames):
+            raise PrtoolError(f"{len(names)} synonym lists for {len(classnames)} classes")
+        flat = [n for group in names for n in group]
+        tokens = self.prompt_tokens(flat)
         emb = self.model.token_embedding(tokens)
-        ctx = self.ctx.to(emb.dtype).unsqueeze(0).expand(len(classnames), -1, -1)
+        ctx = self.ctx.to(emb.dtype).unsqueeze(0).expand(len(flat), -1, -1)
         emb = torch.cat([emb[:, :1], ctx, emb[:, 1 + self.n_ctx :]], dim=1)
-        return F.normalize(encode_text_embeddings(self.model, emb, tokens).float(), dim=-1)
+        per_name = F.normalize(encode_text_embeddings(self.model, emb, tokens).float(), dim=-1)
+        owner = torch.tensor([c for c, group in enumerate(names) for _ in group])
+        summed = torch.zeros(len(names), per_name.shape[1], dtype=per_name.dtype).index_add(0, owner, per_name)
+        return F.normalize(summed, dim=-1)
 
 
 def save_tokens(learner: PromptLearner, path: Path, meta: dict) -> None:

@@ -1,5 +1,12 @@
 """``prtool tune``: learn text context and visual tokens with CLIP and the predictor frozen and
-pruning active in the loop (cross-entropy over ``logit_scale * cos(image, class text)``)."""
+pruning active in the loop (cross-entropy over ``logit_scale * cos(image, class text)``).
+
+Sixteen images per class are few: plain CoOp drifts from the hand-made prompts and can end below
+the zero-shot classifier it started from. The loss therefore adds KgCoOp's knowledge-guided term
+(Yao et al., CVPR 2023), ``kg_weight * mean_c ||w_c - w_c^zs||^2`` between the learned class
+embeddings and the zero-shot ones (templates x synonyms), and each class embedding averages the
+class's synonyms behind the learned context, as the zero-shot classifier does.
+"""
 
 from __future__ import annotations
 
@@ -35,6 +42,7 @@ class TuneConfig:
     warmup_epochs: int = 1
     init: str = "a photo of a"
     seed: int = 0
+    kg_weight: float = 8.0  # KgCoOp's lambda; 0 = plain CoOp
 
 
 def _tokenizer(loaded: LoadedModel):
@@ -87,6 +95,12 @@ def tune_tokens(loaded: LoadedModel, train: ImageDataset, spec: EncoderSpec, cfg
         return 0.5 * cfg.lr * (1 + math.cos(math.pi * (step - warm) / max(1, total - warm)))
 
     scale = loaded.model.logit_scale.exp().detach()
+    zero_shot = None
+    if learner.uses_text and cfg.kg_weight > 0:
+        from prtool.zeroshot import class_text_embeddings
+
+        with torch.no_grad():
+            zero_shot = class_text_embeddings(loaded.model, learner.tokenizer, train.class_prompts).float()
     gen = torch.Generator().manual_seed(cfg.seed)
     step = 0
     with progress_bar(cfg.epochs, "tune", quiet=quiet) as bar:
@@ -99,9 +113,11 @@ def tune_tokens(loaded: LoadedModel, train: ImageDataset, spec: EncoderSpec, cfg
                     g["lr"] = lr_at(step)
                 _set_visual_tokens(enc, learner)
                 img = enc(pixels[idx])
-                txt = learner.class_embeddings(train.classnames)
+                txt = learner.class_embeddings(train.classnames, synonyms=train.class_synonyms)
                 logits = scale * img @ txt.t()
                 loss = F.cross_entropy(logits, labels[idx])
+                if zero_shot is not None:
+                    loss = loss + cfg.kg_weight * (txt - zero_shot).pow(2).sum(1).mean()
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
@@ -115,22 +131,23 @@ def tune_tokens(loaded: LoadedModel, train: ImageDataset, spec: EncoderSpec, cfg
 
 @torch.no_grad()
 def evaluate_tuned(loaded: LoadedModel, learner: PromptLearner, dataset: ImageDataset, spec: EncoderSpec,
-                   batch_size: int = 64) -> dict:
+                   batch_size: int = 64, hits_out: list | None = None) -> dict:
     enc = tuned_encoder(loaded, spec, learner)
     _set_visual_tokens(enc, learner)
-    class_emb = learner.class_embeddings(dataset.classnames, dataset.class_prompts)
+    class_emb = learner.class_embeddings(dataset.classnames, dataset.class_prompts, dataset.class_synonyms)
 
     def embed(pixels, rows):
         return enc(pixels).numpy()
 
-    return evaluate_embeddings(embed, dataset.batches(batch_size, loaded.preprocess), class_emb)
+    return evaluate_embeddings(embed, dataset.batches(batch_size, loaded.preprocess), class_emb, hits_out=hits_out)
 
 
 def save_tuned(learner: PromptLearner, out: Path, loaded: LoadedModel, spec: EncoderSpec, cfg: TuneConfig,
-               classnames: list[str], metrics: dict) -> None:
+               classnames: list[str], metrics: dict, synonyms: list[list[str]] | None = None) -> None:
     save_tokens(learner, out, {"model_id": loaded.model_id, "schedule": spec.schedule.to_string(),
                                "scorer": spec.scorer, "predictor": str(spec.predictor_path) if spec.predictor_path else None,
-                               "classnames": classnames, "train_config": asdict(cfg), **metrics})
+                               "classnames": classnames, "class_synonyms": synonyms or [[c] for c in classnames],
+                               "train_config": asdict(cfg), **metrics})
 
 
 def export_extras(loaded: LoadedModel, spec: EncoderSpec, tokens: Path | None, classifier: bool,
@@ -153,7 +170,7 @@ def export_extras(loaded: LoadedModel, spec: EncoderSpec, tokens: Path | None, c
         if learner is not None and learner.uses_text:
             classnames = learner_classnames(tokens)
             with torch.no_grad():
-                out["class_embeds"] = learner.class_embeddings(classnames)
+                out["class_embeds"] = learner.class_embeddings(classnames, synonyms=learner_synonyms(tokens))
         elif dataset is not None:
             from prtool.evaluate import text_classifier
 
@@ -169,3 +186,10 @@ def learner_classnames(tokens: Path) -> list[str]:
     import json
 
     return json.loads(Path(tokens).with_suffix(".json").read_text())["classnames"]
+
+
+def learner_synonyms(tokens: Path) -> list[list[str]] | None:
+    """Names per class the tokens were tuned with (None for checkpoints written before synonyms)."""
+    import json
+
+    return json.loads(Path(tokens).with_suffix(".json").read_text()).get("class_synonyms")

@@ -32,6 +32,11 @@ def test_bench_accuracy_rows_and_reports(tiny_testbed_like, small_testbed, tmp_p
     plot_accuracy_vs_flops(res, tmp_path / "p.png")
     assert (tmp_path / "p.png").stat().st_size > 1000
     assert len(paired_gaps(res, "cls-attn", "random")) == 2
+    # without patch-ranking, each pruned row is paired with the unpruned model on the same images
+    base = by[("none", "none")]["top1"]
+    for r in res["rows"][1:]:
+        assert r["paired_vs"] == "none" and r["paired_diff"] == pytest.approx(r["top1"] - base) and r["paired_se"] >= 0
+    assert "paired_vs" not in by[("none", "none")] and "± " in md
     with pytest.raises(PrtoolError, match="needs --predictor"):
         bench_accuracy(loaded, small_testbed, scheds, ["patch-ranking"])
 
@@ -46,5 +51,45 @@ def test_bench_speed_structure(tiny, tmp_path):
     shares = [r for r in res["results"] if r["variant"] == "machinery-share"]
     assert len(shares) == 2
     json.dumps(res)
-    with pytest.raises(PrtoolError, match="needs a GPU"):
-        bench_speed(tiny, "1:16", None, 1, None, ["baseline"], ["tensorrt"], [1], warmup=0, iters=1, workdir=tmp_path)
+
+
+@pytest.mark.parametrize("backend", ["onnxruntime-cuda", "tensorrt"])
+def test_bench_speed_gpu_backend_without_gpu_is_one_clear_error(tiny, tmp_path, backend):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU: the gpu/trt tests cover it")
+    with pytest.raises(PrtoolError, match="pip install|TensorRT|CUDAExecutionProvider") as exc:
+        bench_speed(tiny, "1:16", None, 1, None, ["baseline"], [backend], [1], warmup=0, iters=1, workdir=tmp_path)
+    assert "\n" not in str(exc.value)
+
+
+@pytest.mark.gpu
+def test_bench_speed_onnxruntime_cuda(tiny, tmp_path):
+    pytest.importorskip("onnxruntime")
+    import onnxruntime
+
+    if "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
+        pytest.skip("onnxruntime-gpu is not installed")
+    res = bench_speed(tiny, "1:16", None, 1, None, ["baseline", "patch-ranking"], ["onnxruntime-cuda"], [2],
+                      warmup=1, iters=3, workdir=tmp_path)
+    assert {r["device"] for r in res["results"] if "device" in r} == {"cuda"}
+
+
+@pytest.mark.trt
+def test_bench_speed_tensorrt(tiny, tmp_path):
+    res = bench_speed(tiny, "1:16", None, 1, None, ["baseline", "patch-ranking"], ["tensorrt"], [1, 2],
+                      warmup=1, iters=3, workdir=tmp_path)
+    rows = [r for r in res["results"] if r["variant"] != "machinery-share"]
+    assert len(rows) == 4 and all(r["device"] == "cuda" and r["p50_ms"] > 0 for r in rows)
+
+
+def test_ort_sessions_do_not_spin(tiny, tmp_path):
+    """Interleaved timing needs idle sessions to sleep: spinning threads steal the active one's cores."""
+    from prtool.build import EncoderSpec, schedule_for
+    from prtool.export import ExportOptions, export_onnx
+    from prtool.validate import ort_session
+
+    path = export_onnx(tiny, EncoderSpec(schedule_for(tiny, "none")), tmp_path / "m.onnx", ExportOptions(validate=False)).onnx_path
+    opts = ort_session(path).get_session_options()
+    assert opts.get_session_config_entry("session.intra_op.allow_spinning") == "0"

@@ -1,6 +1,6 @@
 import pytest
 
-from prtool.flops import block_macs, encoder_macs
+from prtool.flops import block_macs, encoder_macs, peer_selection_macs
 from prtool.schedule import parse_schedule
 
 
@@ -18,3 +18,27 @@ def test_paper_schedule_cost():
     assert got["blocks_gmacs"] * 1e9 == pytest.approx(blocks)
     assert got["scorer_gmacs"] == pytest.approx(1e-3)
     assert 13.8 < got["gmacs"] < 14.0
+
+
+def test_peer_selection_hand_count():
+    sched = parse_schedule("3:20,5:20", 196, 12)
+    evit = (2 * 197 * 768**2 + 197 * 768 + 21 * 768) + (2 * 177 * 768**2 + 177 * 768 + 21 * 768)
+    tome = (197 * 768**2 + 98 * 98 * 768 + 20 * 768) + (177 * 768**2 + 88 * 88 * 768 + 20 * 768)
+    assert peer_selection_macs("evit", sched, 768) == evit
+    assert peer_selection_macs("tome", sched, 768) == tome
+    assert peer_selection_macs("random", sched, 768) == 0
+    base = encoder_macs(sched, 768, 16, 512)
+    got = encoder_macs(sched, 768, 16, 512, selection_macs=tome)
+    assert got["gmacs"] - base["gmacs"] == pytest.approx(tome / 1e9) and got["selection_gmacs"] == pytest.approx(tome / 1e9)
+
+
+def test_encoder_cost_counts_peer_selection(tiny):
+    from prtool.build import EncoderSpec, build_pruned_encoder
+    from prtool.flops import encoder_cost
+
+    sched = parse_schedule("1:8,2:8", 64, 4)
+    costs = {m: encoder_cost(build_pruned_encoder(tiny, EncoderSpec(sched, m))[0]) for m in ("random", "evit", "tome")}
+    assert costs["random"]["selection_gmacs"] == 0
+    for m in ("evit", "tome"):
+        assert costs[m]["selection_gmacs"] * 1e9 == pytest.approx(peer_selection_macs(m, sched, 32))
+        assert costs[m]["gmacs"] > costs["random"]["gmacs"]

@@ -1,5 +1,6 @@
 """Golden rankings, the store (resume, torchrun), the predictor, the oracle, pictures."""
 
+import json
 import os
 import signal
 import subprocess
@@ -131,6 +132,10 @@ def test_predictor_training_is_seeded_and_usable(tiny, folder, tmp_path):
     train_from_store(tiny, ds, tmp_path / "s", tmp_path / "p2.safetensors", cfg, quiet=True)
     assert (tmp_path / "p1.safetensors").read_bytes() == (tmp_path / "p2.safetensors").read_bytes()
     assert set(r1["val_metrics"]) >= {"match@64", "match@38", "val_loss", "spearman", "train_loss"}
+    # the weights kept are the best validation epoch's (match@k_final, then lower loss), not the last
+    history = json.loads((tmp_path / "p1.json").read_text())["history"]
+    best = max(history, key=lambda h: (h["match@38"], -h["val_loss"]))
+    assert r1["best_epoch"] == best["epoch"] and r1["val_metrics"] == best
     # the trained predictor exports and validates against its own model
     from prtool.export import ExportOptions, export_onnx
 

@@ -85,3 +85,35 @@ def test_committed_checkpoint_reproduces_reference_embedding():
     with torch.no_grad():
         emb = loaded.model.encode_image(arrays_to_batch(canvases, loaded.preprocess), normalize=True)[0]
     assert np.abs(emb.numpy() - np.array(ref["embedding"], dtype=np.float32)).max() <= 1e-4
+
+
+def _write_idx(folder, split, images, labels):
+    import gzip
+    import struct
+
+    img_name, lab_name = tbdata._IDX_FILES[split]
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / f"{img_name}.gz").write_bytes(gzip.compress(bytes([0, 0, 8, 3]) + struct.pack(">III", *images.shape) + images.tobytes()))
+    (folder / f"{lab_name}.gz").write_bytes(gzip.compress(bytes([0, 0, 8, 1]) + struct.pack(">I", len(labels)) + labels.tobytes()))
+
+
+def test_training_writes_checkpoint_and_log_and_resumes(tmp_path):
+    """Two steps on a small fake IDX split: checkpoint, NAME.train.json (never NAME.json, which is the
+    config's name in the assets folder), and a resumable state that a longer run picks up."""
+    from prtool.models import load_clip
+    from prtool.testbed.train import TrainConfig, train_testbed
+
+    idx = tmp_path / "idx"
+    _write_idx(idx, "train", _items(64), (np.arange(64) % 10).astype(np.uint8))
+    assert np.array_equal(tbdata.load_fashion_mnist("train", idx)[1], np.arange(64) % 10)
+    out = tmp_path / "tb" / "testbed.safetensors"
+    cfg = TrainConfig(samples=32, batch_size=16, warmup_steps=1, save_every=1)
+    meta = train_testbed(out, cfg, idx, quiet=True)
+    assert meta["steps"] == 2 and out.exists() and (tmp_path / "tb" / "testbed.train.json").exists()
+    assert not (tmp_path / "tb" / "testbed.json").exists()
+    state = torch.load(out.with_suffix(".train-state.pt"), weights_only=True)
+    assert state["step"] == 2
+    longer = train_testbed(out, TrainConfig(samples=48, batch_size=16, warmup_steps=1, save_every=1), idx, quiet=True)
+    assert longer["steps"] == 3 and torch.load(out.with_suffix(".train-state.pt"), weights_only=True)["step"] == 3
+    loaded = load_clip("testbed", str(out))  # the fp16 checkpoint loads as the testbed
+    assert loaded.visual.grid_size == (14, 14)

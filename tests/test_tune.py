@@ -87,6 +87,13 @@ def test_tuned_export_with_classifier_matches_pytorch(tiny, data, tmp_path):
     logits = sess.run(None, {"pixel_values": pixels.numpy()})[1]
     onnx_top1 = 100.0 * (logits.argmax(1) == labels).mean()
     assert onnx_top1 == pytest.approx(evaluate_tuned(tiny, learner, data, spec)["top1"])
+    # `prtool eval --onnx` scores an export with a classifier head by its own logits
+    via_eval = evaluate_zero_shot(tiny, data, onnx_path=res.onnx_path)
+    assert via_eval["head"] == "onnx logits" and via_eval["top1"] == pytest.approx(onnx_top1)
+    assert via_eval["schedule"] == spec.schedule.to_string()
+    renamed = type(data)(data.name, data.split, ["green", "red"], data.class_prompts, data.samples, data.arrays)
+    with pytest.raises(PrtoolError, match="classifier head has classes"):
+        evaluate_zero_shot(tiny, renamed, onnx_path=res.onnx_path)
 
 
 def test_tokens_for_another_model_or_schedule_are_refused(tiny, data, tmp_path):
@@ -126,3 +133,40 @@ def test_bench_prompts_rows(tiny, data):
     g = {r["row"]: r["gflops"] for r in res["rows"]}
     assert g["prune"] < g["none"] < g["T+V"] and g["T+prune"] == g["prune"]
     assert "| T+V+prune | 1:32 |" in markdown_table(res)
+    # paired differences are the row top-1s' differences (same images), with a standard error
+    top1 = {r["row"]: r["top1"] for r in res["rows"]}
+    for p in res["paired"]:
+        assert p["diff"] == pytest.approx(top1[p["a"]] - top1[p["b"]]) and p["se"] >= 0
+    assert "T+V+prune − prune" in markdown_table(res)
+
+
+def test_class_embedding_averages_synonyms_behind_the_context(tiny, data):
+    import torch.nn.functional as F
+
+    _, learner, _ = _tune(tiny, data, mode="text")
+    with torch.no_grad():
+        single = learner.class_embeddings(["red", "blue", "crimson"])
+        both = learner.class_embeddings(["red", "blue"], synonyms=[["red", "crimson"], ["blue"]])
+        plain = learner.class_embeddings(["red", "blue"], synonyms=[["red"], ["blue"]])
+    assert torch.allclose(plain, single[:2], atol=1e-6)
+    assert torch.allclose(both[0], F.normalize(single[0] + single[2], dim=0), atol=1e-6)
+    assert torch.allclose(both[1], single[1], atol=1e-6)
+    with pytest.raises(PrtoolError, match="synonym lists"):
+        learner.class_embeddings(["red", "blue"], synonyms=[["red"]])
+
+
+def test_kg_term_keeps_the_text_near_zero_shot(tiny, data):
+    """KgCoOp's term: a large weight keeps the learned class embeddings closer to the zero-shot ones."""
+    from prtool.zeroshot import class_text_embeddings
+
+    spec = EncoderSpec(schedule_for(tiny, "1:32"), "cls-attn")
+    shots = few_shot(data, 2)
+    dist = {}
+    for kg in (0.0, 100.0):
+        cfg = TuneConfig(n_ctx=2, mode="text", epochs=3, batch_size=2, lr=0.05, kg_weight=kg)
+        learner, _ = tune_tokens(tiny, shots, spec, cfg, quiet=True)
+        with torch.no_grad():
+            txt = learner.class_embeddings(shots.classnames, synonyms=shots.class_synonyms)
+            zs = class_text_embeddings(tiny.model, learner.tokenizer, shots.class_prompts)
+        dist[kg] = float((txt - zs).pow(2).sum(1).mean())
+    assert dist[100.0] < dist[0.0]

@@ -125,6 +125,7 @@ def prompts(
     shots: Annotated[int, typer.Option("--shots")] = 16,
     n_ctx: Annotated[int, typer.Option("--n-ctx")] = 16,
     epochs: Annotated[int, typer.Option("--epochs")] = 30,
+    kg_weight: Annotated[float, typer.Option("--kg-weight", help="KgCoOp's lambda (0 = plain CoOp).")] = 8.0,
     seed: o.Seed = 0,
     limit: o.Limit = None,
     as_json: o.Json = False,
@@ -143,11 +144,11 @@ def prompts(
 
     loaded = load_clip(model, pretrained)
     sched = schedule_for(loaded, schedule, keep_ratio, stages, first_block)
-    cfg = TuneConfig(n_ctx=n_ctx, shots=shots, epochs=epochs, seed=seed)
+    cfg = TuneConfig(n_ctx=n_ctx, shots=shots, epochs=epochs, seed=seed, kg_weight=kg_weight)
     result = bench_prompts(loaded, load_dataset(data, train_split, image_root),
                            load_dataset(data, test_split, image_root).limit(limit), sched, scorer, predictor, cfg)
     result["tune_config"] = {"n_ctx": n_ctx, "shots": shots, "epochs": epochs, "seed": seed, "lr": cfg.lr,
-                             "batch_size": cfg.batch_size}
+                             "batch_size": cfg.batch_size, "kg_weight": kg_weight, "init": cfg.init}
     result["environment"] = collect_env()
     out.mkdir(parents=True, exist_ok=True)
     write_json_atomic(out / "prompts.json", result)

@@ -14,6 +14,8 @@ from prtool.cli.common import emit, setup, table
 def demo(
     out: Annotated[Path, typer.Option("--out", "-o", help="Report folder.")] = Path("runs/demo"),
     limit: o.Limit = None,
+    latency_batch: Annotated[int, typer.Option("--latency-batch", help="Batch size of the side-by-side timing.")] = 32,
+    latency_iters: Annotated[int, typer.Option("--latency-iters", help="Timed iterations per variant (after 3 warm-up).")] = 20,
     as_json: o.Json = False,
     quiet: o.Quiet = False,
     verbose: o.Verbose = False,
@@ -22,7 +24,7 @@ def demo(
     setup(quiet, verbose)
     from prtool.demo import SUMMARY_COLUMNS, run_demo, summary_rows
 
-    report = run_demo(out, limit=limit)
+    report = run_demo(out, limit=limit, latency_batch=latency_batch, latency_iters=latency_iters)
 
     def human(r):
         lat = r["latency"]

@@ -32,6 +32,7 @@ def tune(
     epochs: Annotated[int, typer.Option("--epochs")] = 30,
     batch_size: o.BatchSize = 32,
     lr: Annotated[float, typer.Option("--lr")] = 0.002,
+    kg_weight: Annotated[float, typer.Option("--kg-weight", help="Pull toward the zero-shot class embeddings (KgCoOp's lambda; 0 = plain CoOp).")] = 8.0,
     seed: o.Seed = 0,
     limit: o.Limit = None,
     as_json: o.Json = False,
@@ -47,12 +48,12 @@ def tune(
 
     loaded = load_clip(model, pretrained)
     spec = EncoderSpec(schedule_for(loaded, schedule, keep_ratio, stages, first_block), scorer, predictor, seed=seed)
-    cfg = TuneConfig(n_ctx, mode, shots, epochs, batch_size, lr, init=init, seed=seed)
+    cfg = TuneConfig(n_ctx, mode, shots, epochs, batch_size, lr, init=init, seed=seed, kg_weight=kg_weight)
     train = few_shot(load_dataset(data, split, image_root), shots, seed)
     learner, metrics = tune_tokens(loaded, train, spec, cfg, quiet=quiet)
     if eval_split:
         metrics["eval"] = evaluate_tuned(loaded, learner, load_dataset(data, eval_split, image_root).limit(limit), spec)
-    save_tuned(learner, out, loaded, spec, cfg, train.classnames, metrics)
+    save_tuned(learner, out, loaded, spec, cfg, train.classnames, metrics, train.class_synonyms)
     result = {"out": str(out), "schedule": spec.schedule.to_string() or "none", "mode": mode, "n_ctx": n_ctx,
               "train_images": len(train), **{k: v for k, v in metrics.items() if k != "history"},
               "final_epoch": metrics["history"][-1] if metrics["history"] else None}

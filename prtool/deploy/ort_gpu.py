@@ -77,6 +77,7 @@ def create_session(path: Path, provider: str = "cpu", precision: str = "fp32", p
         Path(cache_dir).mkdir(parents=True, exist_ok=True)
     so = ort.SessionOptions()
     so.log_severity_level = 3
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")  # as prtool.validate.ort_session
     session = ort.InferenceSession(str(path), so, providers=list(zip(PROVIDERS[provider], opts, strict=True)))
     check_providers(provider, session)
     return session

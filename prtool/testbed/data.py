@@ -1,6 +1,6 @@
 """Cluttered Fashion-MNIST: the testbed's images, generated deterministically.
 
-Each canvas is ``[112, 112, 3]`` uint8: a smooth, textured, per-canvas different background, 6-10
+Each canvas is ``[112, 112, 3]`` uint8: a smooth, textured, per-canvas different background, 3-6
 small crops of other items as clutter, and the labelled item scaled x1-2 at a random position.
 Items and clutter are pasted with a soft alpha taken from the item's own intensity (not a max):
 on a bright patch of background an item shows as a darker shape, so "keep the brightest patches"
@@ -40,8 +40,8 @@ _IDX_FILES = {
 class CanvasStyle:
     """Knobs of the canvas generator (the defaults are the testbed definition)."""
 
-    clutter_min: int = 6
-    clutter_max: int = 10
+    clutter_min: int = 3  # testbed v1 used 6-10; v2 lightened it (README, "The testbed")
+    clutter_max: int = 6
     clutter_size: int = 8
     scale_min: float = 1.0
     scale_max: float = 2.0

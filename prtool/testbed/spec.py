@@ -10,6 +10,7 @@ CHECKPOINT_PATH = ASSETS / "testbed.safetensors"
 EVAL_ITEMS_PATH = ASSETS / "eval_items.npz"
 TRAIN_ITEMS_PATH = ASSETS / "train_items.npz"
 PREDICTOR_PATH = ASSETS / "predictor.safetensors"
+TOKENS_PATH = ASSETS / "tokens.safetensors"  # learnable tokens for the demo schedule (`prtool tune`)
 REFERENCE_PATH = ASSETS / "reference.json"
 MODEL_NAME = "testbed"
 
