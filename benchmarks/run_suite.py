@@ -62,7 +62,8 @@ def main(argv=None) -> int:
     if args.only in (None, "speed"):
         runs = ([suite["speed"]] if "speed" in suite else []) + suite.get("speed_runs", [])
         for i, cfg in enumerate(runs):
-            tag = f"{suite['name']}-speed{'' if len(runs) == 1 else f'-{i}'}-{env}"
+            label = cfg.get("label", "" if len(runs) == 1 else str(i))  # a run's `label` names its result files
+            tag = f"{suite['name']}-speed{f'-{label}' if label else ''}-{env}"
             print(_speed(loaded, cfg, args.out, tag))
     return 0
 
