@@ -11,6 +11,8 @@ from __future__ import annotations
 import logging
 from dataclasses import replace
 
+import torch
+
 from prtool.build import EncoderSpec, build_pruned_encoder
 from prtool.datasets import ImageDataset, few_shot
 from prtool.evaluate import evaluate_zero_shot
@@ -45,16 +47,11 @@ def bench_prompts(loaded, train: ImageDataset, test: ImageDataset, schedule: Sch
     out_rows = []
     for r in rows:
         spec = r.pop("spec")
-        enc, _ = build_pruned_encoder(loaded, spec)
+        # visual tokens sit in every block: an encoder holding them counts them at their real length
         n_vis = cfg.n_ctx if r["row"].startswith("T+V") else 0
+        prompts = torch.zeros(n_vis, loaded.visual.class_embedding.shape[0]) if n_vis else None
+        enc, _ = build_pruned_encoder(loaded, spec, visual_prompts=prompts)
         cost = encoder_cost(enc)
-        # visual tokens add n_ctx tokens to every block: count them at their real sequence length
-        if n_vis:
-            from prtool.flops import encoder_macs
-
-            patch = enc.conv1.kernel_size[0]
-            cost = encoder_macs(spec.schedule, enc.width, patch, enc.proj.shape[1], 1 + n_vis,
-                                cost["scorer_gmacs"] * 1e9)
         out_rows.append({**r, "schedule": spec.schedule.to_string() or "none", "gflops": cost["gflops"]})
     paired = []
     for a, b in PAIRS:
