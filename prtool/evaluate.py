@@ -73,13 +73,10 @@ def brightness_scores_for(loaded: LoadedModel):
     return scores_for
 
 
-def _evaluate_onnx_logits(session, path: Path, dataset: ImageDataset, spec: EncoderSpec, batch_size: int,
-                          loaded: LoadedModel, skip_bad: bool) -> dict:
-    """Top-1/top-5 from an export's own classifier head (``logits``: e.g. a tuned model with
-    ``--tokens --classifier``), after checking that its classes are the dataset's, in order."""
+def _onnx_logits_head(session, path: Path, dataset: ImageDataset) -> tuple:
+    """``(embedder returning the export's own logits, manifest)`` for an export with a classifier head
+    (e.g. ``--tokens --classifier``), after checking that its classes are the dataset's, in order."""
     import json
-
-    from prtool.zeroshot import topk_correct
 
     manifest_path = path.with_suffix(".json")
     manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else {}
@@ -88,25 +85,16 @@ def _evaluate_onnx_logits(session, path: Path, dataset: ImageDataset, spec: Enco
         raise PrtoolError(f"{path}'s classifier head has classes {names[:3]}..., not {dataset.name}'s "
                           f"{dataset.classnames[:3]}...: export with --classifier for this dataset")
     inp = session.get_inputs()[0].name
-    out_names = [o.name for o in session.get_outputs()]
-    correct, n = {1: 0, 5: 0}, 0
-    t0 = time.perf_counter()
-    for pixels, labels, _ in _progress_batches(dataset, batch_size, loaded.preprocess, "eval", skip_bad):
-        logits = dict(zip(out_names, session.run(None, {inp: pixels.numpy().astype(np.float32)})))["logits"]
-        if logits.shape[1] != len(dataset.classnames):
-            raise PrtoolError(f"{path} has {logits.shape[1]} classes in its logits, {dataset.name} has "
+    col = [o.name for o in session.get_outputs()].index("logits")
+
+    def logits(pixels: torch.Tensor, rows) -> np.ndarray:
+        out = session.run(None, {inp: pixels.numpy().astype(np.float32)})[col]
+        if out.shape[1] != len(dataset.classnames):
+            raise PrtoolError(f"{path} has {out.shape[1]} classes in its logits, {dataset.name} has "
                               f"{len(dataset.classnames)}: export with --classifier for this dataset")
-        for k, c in topk_correct(logits, np.asarray(labels)).items():
-            correct[k] += c
-        n += len(labels)
-    out = {"images": n, "top1": 100.0 * correct[1] / n}
-    if logits.shape[1] >= 5:
-        out["top5"] = 100.0 * correct[5] / n
-    sched = (manifest.get("schedule") or {}).get("string", spec.schedule.to_string()) or "none"
-    out.update({"backend": "onnxruntime", "head": "onnx logits", "dataset": dataset.name, "split": dataset.split,
-                "schedule": sched, "scorer": manifest.get("scorer", None if spec.schedule.is_empty else spec.scorer),
-                "seconds": round(time.perf_counter() - t0, 2), "skipped_images": list(dataset.skipped)})
-    return out
+        return out
+
+    return logits, manifest
 
 
 def evaluate_zero_shot(loaded: LoadedModel, dataset: ImageDataset, spec: EncoderSpec | None = None,
@@ -121,10 +109,9 @@ def evaluate_zero_shot(loaded: LoadedModel, dataset: ImageDataset, spec: Encoder
 
     if not dataset.classnames or (dataset.labels < 0).any():
         raise PrtoolError(f"zero-shot accuracy needs labelled images with class names; {dataset.name} has none")
-    class_emb = text_classifier(loaded, dataset) if class_emb is None else class_emb
     n, depth = loaded.visual.grid_size[0] * loaded.visual.grid_size[1], len(loaded.visual.transformer.resblocks)
     spec = spec or EncoderSpec(Schedule((), n, depth))
-    baseline, _ = build_pruned_encoder(loaded, EncoderSpec(Schedule((), n, depth)), normalize=True)
+    manifest = None  # set when the export carries its own classifier head
     if onnx_path is not None:
         from prtool.validate import ort_session
 
@@ -132,8 +119,9 @@ def evaluate_zero_shot(loaded: LoadedModel, dataset: ImageDataset, spec: Encoder
             raise PrtoolError(f"ONNX file {onnx_path} does not exist")
         session = ort_session(onnx_path)
         if "logits" in [o.name for o in session.get_outputs()]:
-            return _evaluate_onnx_logits(session, Path(onnx_path), dataset, spec, batch_size, loaded, skip_bad)
-        embed = onnx_embedder(session)
+            embed, manifest = _onnx_logits_head(session, Path(onnx_path), dataset)
+        else:
+            embed = onnx_embedder(session)
         backend = "onnxruntime"
     else:
         encoder, _ = build_pruned_encoder(loaded, spec, normalize=True)
@@ -146,12 +134,21 @@ def evaluate_zero_shot(loaded: LoadedModel, dataset: ImageDataset, spec: Encoder
             scores_for = brightness_scores_for(loaded)
         embed = torch_embedder(encoder, scores_for)
         backend = "torch"
-    reference = torch_embedder(baseline) if compare_unpruned and not spec.schedule.is_empty else None
+    reference = None
+    if manifest is None:
+        class_emb = text_classifier(loaded, dataset) if class_emb is None else class_emb
+        if compare_unpruned and not spec.schedule.is_empty:
+            baseline, _ = build_pruned_encoder(loaded, EncoderSpec(Schedule((), n, depth)), normalize=True)
+            reference = torch_embedder(baseline)
     t0 = time.perf_counter()
     result = evaluate_embeddings(embed, _progress_batches(dataset, batch_size, loaded.preprocess, "eval", skip_bad),
-                                 class_emb, reference, hits_out)
-    result.update({"backend": backend, "dataset": dataset.name, "split": dataset.split,
-                   "schedule": spec.schedule.to_string() or "none",
-                   "scorer": None if spec.schedule.is_empty else spec.scorer,
-                   "seconds": round(time.perf_counter() - t0, 2), "skipped_images": list(dataset.skipped)})
+                                 None if manifest is not None else class_emb, reference, hits_out)
+    schedule, scorer = spec.schedule.to_string() or "none", None if spec.schedule.is_empty else spec.scorer
+    if manifest is not None:  # the export's own graph decides what was pruned
+        result["head"] = "onnx logits"
+        schedule = (manifest.get("schedule") or {}).get("string", schedule) or "none"
+        scorer = manifest.get("scorer", scorer)
+    result.update({"backend": backend, "dataset": dataset.name, "split": dataset.split, "schedule": schedule,
+                   "scorer": scorer, "seconds": round(time.perf_counter() - t0, 2),
+                   "skipped_images": list(dataset.skipped)})
     return result

@@ -40,18 +40,22 @@ def topk_correct(logits: np.ndarray, labels: np.ndarray, ks=(1, 5)) -> dict[int,
 Embedder = Callable[[torch.Tensor, list], np.ndarray]
 
 
-def evaluate_embeddings(embed: Embedder, batches: Iterable, class_emb: torch.Tensor,
+def evaluate_embeddings(embed: Embedder, batches: Iterable, class_emb: torch.Tensor | None,
                         reference: Embedder | None = None, hits_out: list | None = None) -> dict:
     """Top-1/top-5 of ``embed(pixels, rows)`` over ``(pixels, labels, rows)`` batches; with
     ``reference``, also the mean cosine to the reference embeddings and top-1 agreement. With
-    ``hits_out``, one bool array ``[n]`` of per-image top-1 hits is appended to it (paired comparisons)."""
-    w = class_emb.numpy().astype(np.float32)
+    ``hits_out``, one bool array ``[n]`` of per-image top-1 hits is appended to it (paired comparisons).
+    ``class_emb=None`` means ``embed`` already returns class logits (an export's own classifier head)."""
+    w = None if class_emb is None else class_emb.numpy().astype(np.float32)
     correct = {1: 0, 5: 0}
     n, cos_sum, agree, hits = 0, 0.0, 0, []
     for pixels, labels, rows in batches:
         e = embed(pixels, rows)
-        e = e / np.maximum(np.linalg.norm(e, axis=1, keepdims=True), 1e-12)
-        logits = e @ w.T
+        if w is None:
+            logits = e
+        else:
+            e = e / np.maximum(np.linalg.norm(e, axis=1, keepdims=True), 1e-12)
+            logits = e @ w.T
         for k, c in topk_correct(logits, np.asarray(labels)).items():
             correct[k] += c
         hits.append(logits.argmax(1) == np.asarray(labels))
@@ -64,7 +68,7 @@ def evaluate_embeddings(embed: Embedder, batches: Iterable, class_emb: torch.Ten
     if hits_out is not None:
         hits_out.append(np.concatenate(hits) if hits else np.zeros(0, dtype=bool))
     out = {"images": n, "top1": 100.0 * correct[1] / n}
-    if w.shape[0] >= 5:
+    if logits.shape[1] >= 5:
         out["top5"] = 100.0 * correct[5] / n
     if reference is not None:
         out["mean_cosine_to_reference"] = cos_sum / n
