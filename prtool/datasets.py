@@ -121,14 +121,17 @@ def prompts_for(classnames: list[str], templates_file: Path | None = None, name:
     return [[t.format(c.replace("_", " ")) for t in templates] for c in classnames]
 
 
-def _testbed(split: str) -> ImageDataset:
+TESTBED_DOMAINS = {"testbed": "", "testbed-sketch": "sketch"}  # --data name -> rendering domain
+
+
+def _testbed(split: str, name: str = "testbed") -> ImageDataset:
     from prtool.testbed import spec
     from prtool.testbed.eval_set import load_split_canvases
 
-    canvases, labels = load_split_canvases(split)
+    canvases, labels = load_split_canvases(split, domain=TESTBED_DOMAINS[name])
     syn = [list(s) for s in spec.SYNONYMS]
     prompts = [[t.format(n) for t in spec.TEMPLATES for n in names] for names in syn]
-    return ImageDataset("testbed", split, list(spec.CLASSNAMES), prompts,
+    return ImageDataset(name, split, list(spec.CLASSNAMES), prompts,
                         [(i, int(lab)) for i, lab in enumerate(labels)], canvases, synonyms=syn)
 
 
@@ -187,11 +190,11 @@ def load_dataset(data: str, split: str = "test", image_root: Path | None = None,
     """Resolve ``--data`` into an :class:`ImageDataset`."""
     if split not in SPLITS:
         raise PrtoolError(f"unknown split {split!r}: use train, val or test")
-    if data == "testbed":
-        return _testbed(split)
+    if data in TESTBED_DOMAINS:
+        return _testbed(split, data)
     path = Path(data)
     if not path.exists():
-        raise PrtoolError(f"dataset {data} does not exist: pass 'testbed', a class-folder directory, a .csv or a CoOp .json")
+        raise PrtoolError(f"dataset {data} does not exist: pass 'testbed' (or 'testbed-sketch'), a class-folder directory, a .csv or a CoOp .json")
     root = Path(image_root) if image_root else path.parent
     if path.is_dir():
         classes, samples = _image_folder(path, split)

@@ -12,6 +12,7 @@ A tokens checkpoint is ``NAME.safetensors`` (ctx, and W for visual modes) + ``NA
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import torch
@@ -19,6 +20,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from prtool.errors import PrtoolError
+
+log = logging.getLogger(__name__)
 
 MODES = ("text", "visual", "both")
 PLACEHOLDER = "X"
@@ -35,6 +38,37 @@ def encode_text_embeddings(model, embeds: torch.Tensor, tokens: torch.Tensor) ->
     if model.text_projection is not None:
         x = model.text_projection(x) if isinstance(model.text_projection, nn.Linear) else x @ model.text_projection
     return x
+
+
+DEFAULT_N_CTX = 16  # CoOp's unified context length
+
+
+def context_room(model, tokenizer, names: list[str]) -> int | None:
+    """How many context vectors fit before the longest class name in the model's text context.
+
+    None when the tokenizer cannot tell (no ``encode``): then nothing is checked.
+    """
+    encode = getattr(tokenizer, "encode", None)
+    if encode is None or not names:
+        return None
+    length = int(model.positional_embedding.shape[0])
+    longest = max(len(encode(f"{n.replace('_', ' ')}.")) for n in names)
+    return length - 2 - longest  # start and end of text
+
+
+def resolve_n_ctx(n_ctx: int | None, model, tokenizer, names: list[str]) -> int:
+    """``--n-ctx``: as given (refused with the fix when it cannot fit), or by default 16 or what fits."""
+    room = context_room(model, tokenizer, names)
+    if n_ctx is None:
+        n_ctx = DEFAULT_N_CTX if room is None else max(0, min(DEFAULT_N_CTX, room))
+        if n_ctx < DEFAULT_N_CTX:
+            log.info("--n-ctx %d: the most that fits this model's text context with these class names", n_ctx)
+        return n_ctx
+    if room is not None and n_ctx > room:
+        raise PrtoolError(f"--n-ctx {n_ctx} does not fit: this model's text context holds "
+                          f"{int(model.positional_embedding.shape[0])} tokens and the longest class name leaves room "
+                          f"for {max(room, 0)} context vectors; use --n-ctx {max(room, 0)} or fewer")
+    return n_ctx
 
 
 class PromptLearner(nn.Module):
@@ -97,6 +131,7 @@ class PromptLearner(nn.Module):
         if len(names) != len(classnames):
             raise PrtoolError(f"{len(names)} synonym lists for {len(classnames)} classes")
         flat = [n for group in names for n in group]
+        resolve_n_ctx(self.n_ctx, self.model, self.tokenizer, flat)  # a prompt cut short is refused
         tokens = self.prompt_tokens(flat)
         emb = self.model.token_embedding(tokens)
         ctx = self.ctx.to(emb.dtype).unsqueeze(0).expand(len(flat), -1, -1)

@@ -45,14 +45,14 @@ class TuneConfig:
     kg_weight: float = 8.0  # KgCoOp's lambda; 0 = plain CoOp
 
 
-def _tokenizer(loaded: LoadedModel):
+def tokenizer_for(loaded: LoadedModel):
     import open_clip
 
     return open_clip.get_tokenizer(loaded.name)
 
 
 def make_learner(loaded: LoadedModel, cfg: TuneConfig) -> PromptLearner:
-    return PromptLearner(loaded.model, _tokenizer(loaded), cfg.n_ctx, cfg.mode, cfg.init,
+    return PromptLearner(loaded.model, tokenizer_for(loaded), cfg.n_ctx, cfg.mode, cfg.init,
                          vision_width=loaded.visual.class_embedding.shape[0], seed=cfg.seed)
 
 
@@ -160,7 +160,7 @@ def export_extras(loaded: LoadedModel, spec: EncoderSpec, tokens: Path | None, c
     out: dict = {"visual_prompts": None, "class_embeds": None, "manifest": {}}
     learner = None
     if tokens is not None:
-        learner, meta = load_tokens(tokens, loaded.model, _tokenizer(loaded), loaded.visual.class_embedding.shape[0],
+        learner, meta = load_tokens(tokens, loaded.model, tokenizer_for(loaded), loaded.visual.class_embedding.shape[0],
                                     loaded.model_id, spec.schedule.to_string())
         vt = learner.visual_tokens()
         out["visual_prompts"] = None if vt is None else vt.detach()

@@ -172,3 +172,10 @@ def test_failed_validation_leaves_no_file_unless_allowed(capsys, tmp_path):
                        "--allow-failed-validation")
     assert code == 0 and out.exists()
     assert json.loads(out.with_suffix(".json").read_text())["validation"]["passed"] is False
+
+
+def test_tune_refuses_a_context_longer_than_the_text_tower_holds(capsys, tmp_path):
+    code, out, err = cli(capsys, "tune", "-m", "testbed", "-d", "testbed", "--n-ctx", "12", "-s", "1:20",
+                         "--scorer", "cls-attn", "-o", tmp_path / "t.safetensors")
+    assert_user_error(code, err, "--n-ctx 12 does not fit", "use --n-ctx 9 or fewer")
+    assert not list(tmp_path.iterdir())

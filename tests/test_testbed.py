@@ -51,7 +51,20 @@ def test_packs_are_reproducible_from_the_idx_files(tmp_path):
         rebuilt = build_pack(split, out=tmp_path / f"{split}.npz")
         with np.load(PACKS[split][0]) as shipped, np.load(tmp_path / f"{split}.npz") as new:
             assert str(shipped["canvases_sha256"]) == rebuilt["canvases_sha256"]
+            assert str(shipped["sketch_canvases_sha256"]) == rebuilt["sketch_canvases_sha256"]
             assert np.array_equal(shipped["items"], new["items"])
+
+
+def test_sketch_domain_renders_the_same_items_as_line_drawings():
+    from prtool.datasets import load_dataset
+
+    plain, sketch = load_dataset("testbed", "test").limit(6), load_dataset("testbed-sketch", "test").limit(6)
+    assert sketch.name == "testbed-sketch" and sketch.classnames == plain.classnames
+    assert [lab for _, lab in sketch.samples] == [lab for _, lab in plain.samples]
+    item = np.zeros((28, 28), np.float32)
+    item[8:20, 8:20] = 200.0  # a filled square: its drawing is an outline, empty inside
+    line = tbdata._outline(item)
+    assert line[13, 13] == 0 and line[8:20, 7:9].max() == 255
 
 
 def test_testbed_definition():

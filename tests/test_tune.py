@@ -170,3 +170,18 @@ def test_kg_term_keeps_the_text_near_zero_shot(tiny, data):
             zs = class_text_embeddings(tiny.model, learner.tokenizer, shots.class_prompts)
         dist[kg] = float((txt - zs).pow(2).sum(1).mean())
     assert dist[100.0] < dist[0.0]
+
+
+def test_n_ctx_must_leave_room_for_the_class_names(tiny, data):
+    from prtool.prompts import context_room, resolve_n_ctx
+    from prtool.tune import tokenizer_for
+
+    tok = tokenizer_for(tiny)
+    room = context_room(tiny.model, tok, ["red", "blue"])
+    assert room == tiny.model.positional_embedding.shape[0] - 2 - 2  # start, end; "blue." is 2 tokens
+    assert resolve_n_ctx(None, tiny.model, tok, ["red", "blue"]) == min(16, room)
+    assert resolve_n_ctx(room, tiny.model, tok, ["red", "blue"]) == room
+    with pytest.raises(PrtoolError, match=f"--n-ctx {room + 1} does not fit.*use --n-ctx {room} or fewer"):
+        resolve_n_ctx(room + 1, tiny.model, tok, ["red", "blue"])
+    with pytest.raises(PrtoolError, match="does not fit"):  # a prompt cut short never reaches the text tower
+        _tune(tiny, data, mode="text", n_ctx=room + 1)

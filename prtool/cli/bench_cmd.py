@@ -123,8 +123,9 @@ def prompts(
     scorer: o.Scorer = "predictor",
     predictor: o.PredictorPath = None,
     shots: Annotated[int, typer.Option("--shots")] = 16,
-    n_ctx: Annotated[int, typer.Option("--n-ctx")] = 16,
+    n_ctx: Annotated[int | None, typer.Option("--n-ctx", help="Default: 16, or what the text context has room for.")] = None,
     epochs: Annotated[int, typer.Option("--epochs")] = 30,
+    lr: Annotated[float, typer.Option("--lr", help="SGD learning rate of the tuned tokens.")] = 0.002,
     kg_weight: Annotated[float, typer.Option("--kg-weight", help="KgCoOp's lambda (0 = plain CoOp).")] = 8.0,
     seed: o.Seed = 0,
     limit: o.Limit = None,
@@ -140,13 +141,15 @@ def prompts(
     from prtool.envinfo import collect_env
     from prtool.manifest import write_json_atomic
     from prtool.models import load_clip
-    from prtool.tune import TuneConfig
+    from prtool.prompts import resolve_n_ctx
+    from prtool.tune import TuneConfig, tokenizer_for
 
     loaded = load_clip(model, pretrained)
     sched = schedule_for(loaded, schedule, keep_ratio, stages, first_block)
-    cfg = TuneConfig(n_ctx=n_ctx, shots=shots, epochs=epochs, seed=seed, kg_weight=kg_weight)
-    result = bench_prompts(loaded, load_dataset(data, train_split, image_root),
-                           load_dataset(data, test_split, image_root).limit(limit), sched, scorer, predictor, cfg)
+    train = load_dataset(data, train_split, image_root)
+    n_ctx = resolve_n_ctx(n_ctx, loaded.model, tokenizer_for(loaded), [n for g in train.class_synonyms for n in g])
+    cfg = TuneConfig(n_ctx=n_ctx, shots=shots, epochs=epochs, lr=lr, seed=seed, kg_weight=kg_weight)
+    result = bench_prompts(loaded, train, load_dataset(data, test_split, image_root).limit(limit), sched, scorer, predictor, cfg)
     result["tune_config"] = {"n_ctx": n_ctx, "shots": shots, "epochs": epochs, "seed": seed, "lr": cfg.lr,
                              "batch_size": cfg.batch_size, "kg_weight": kg_weight, "init": cfg.init}
     result["environment"] = collect_env()

@@ -18,7 +18,7 @@ Stages = Annotated[int, typer.Option("--stages", help="Number of stages for --ke
 FirstBlock = Annotated[int | None, typer.Option("--first-block", help="First stage block for --keep-ratio (default: about a third of the depth).")]
 Scorer = Annotated[str, typer.Option("--scorer", help="Who ranks patches at the first stage: predictor, cls-attn (random, golden, brightness: eval only).")]
 PredictorPath = Annotated[Path | None, typer.Option("--predictor", help="Trained predictor (.safetensors from `prtool train`).")]
-Data = Annotated[str, typer.Option("--data", "-d", help="'testbed', a class-folder directory, a .csv manifest or a CoOp split .json.")]
+Data = Annotated[str, typer.Option("--data", "-d", help="'testbed', 'testbed-sketch' (the same items as line drawings), a class-folder directory, a .csv manifest or a CoOp split .json.")]
 Split = Annotated[str, typer.Option("--split", help="train, val or test.")]
 ImageRoot = Annotated[Path | None, typer.Option("--image-root", help="Root folder for relative image paths in .csv/.json datasets.")]
 Limit = Annotated[int | None, typer.Option("--limit", help="Use only the first N images (quick runs).")]

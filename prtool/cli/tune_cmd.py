@@ -26,7 +26,8 @@ def tune(
     first_block: o.FirstBlock = None,
     scorer: o.Scorer = "predictor",
     predictor: o.PredictorPath = None,
-    n_ctx: Annotated[int, typer.Option("--n-ctx", help="Learnable context vectors (0 = the untuned model).")] = 16,
+    n_ctx: Annotated[int | None, typer.Option("--n-ctx", help="Learnable context vectors (0 = the untuned model). "
+                     "Default: 16, or fewer when the model's text context has less room (testbed: 9).")] = None,
     mode: Annotated[str, typer.Option("--mode", help="text, visual or both.")] = "both",
     init: Annotated[str, typer.Option("--init", help="Initial phrase when its token count equals --n-ctx.")] = "a photo of a",
     epochs: Annotated[int, typer.Option("--epochs")] = 30,
@@ -44,12 +45,14 @@ def tune(
     from prtool.build import EncoderSpec, schedule_for
     from prtool.datasets import few_shot, load_dataset
     from prtool.models import load_clip
-    from prtool.tune import TuneConfig, evaluate_tuned, save_tuned, tune_tokens
+    from prtool.prompts import resolve_n_ctx
+    from prtool.tune import TuneConfig, evaluate_tuned, save_tuned, tokenizer_for, tune_tokens
 
     loaded = load_clip(model, pretrained)
     spec = EncoderSpec(schedule_for(loaded, schedule, keep_ratio, stages, first_block), scorer, predictor, seed=seed)
-    cfg = TuneConfig(n_ctx, mode, shots, epochs, batch_size, lr, init=init, seed=seed, kg_weight=kg_weight)
     train = few_shot(load_dataset(data, split, image_root), shots, seed)
+    n_ctx = resolve_n_ctx(n_ctx, loaded.model, tokenizer_for(loaded), [n for g in train.class_synonyms for n in g])
+    cfg = TuneConfig(n_ctx, mode, shots, epochs, batch_size, lr, init=init, seed=seed, kg_weight=kg_weight)
     learner, metrics = tune_tokens(loaded, train, spec, cfg, quiet=quiet)
     if eval_split:
         metrics["eval"] = evaluate_tuned(loaded, learner, load_dataset(data, eval_split, image_root).limit(limit), spec)

@@ -6,6 +6,11 @@ Items and clutter are pasted with a soft alpha taken from the item's own intensi
 on a bright patch of background an item shows as a darker shape, so "keep the brightest patches"
 is no longer a ranking that finds the object, and no two background patches are identical.
 
+``SKETCH`` renders the same items as line drawings (their gradient magnitude): a downstream domain
+the testbed CLIP never sees in training, as ImageNet-Sketch is for CLIP, where few-shot tuning
+(``prtool tune``) has something to win back. The in-domain canvases leave it nothing: the testbed
+was trained on exactly their classes and captions.
+
 Canvas ``i`` of a split depends only on ``(seed, i)`` and the source items, never on the order in
 which canvases are made: ``render_canvases(items, labels, seed, range(a, b))`` gives the same bytes
 as slicing a full run.
@@ -47,6 +52,10 @@ class CanvasStyle:
     scale_max: float = 2.0
     alpha_ramp: float = 48.0  # item intensity at which the paste becomes opaque
     fine_noise: float = 5.0  # per-pixel noise (std, grey levels)
+    sketch: bool = False  # draw items and clutter as outlines: the `testbed-sketch` downstream domain
+
+
+SKETCH = CanvasStyle(sketch=True)
 
 
 def _open_idx(path: Path) -> bytes:
@@ -97,6 +106,13 @@ def _resize(gray: np.ndarray, size: int) -> np.ndarray:
     return np.asarray(img.resize((size, size), Image.BILINEAR), dtype=np.float32)
 
 
+def _outline(gray: np.ndarray) -> np.ndarray:
+    """An item as a line drawing: its gradient magnitude, rescaled so the strongest edge is 255."""
+    gy, gx = np.gradient(gray.astype(np.float32))
+    mag = np.hypot(gx, gy)
+    return mag * (255.0 / max(float(mag.max()), 1e-6))
+
+
 def _background(rng: np.random.Generator, style: CanvasStyle) -> np.ndarray:
     grid = int(rng.integers(3, 8))
     low = rng.random((grid, grid), dtype=np.float32)
@@ -127,12 +143,14 @@ def render_canvas(
     cs = style.clutter_size
     for _ in range(int(rng.integers(style.clutter_min, style.clutter_max + 1))):
         src = clutter_pool[int(rng.integers(0, len(clutter_pool)))].astype(np.float32)
+        src = _outline(src) if style.sketch else src
         oy, ox = (int(v) for v in rng.integers(6, ITEM - 6 - cs + 1, size=2))
         y, x = (int(v) for v in rng.integers(0, CANVAS - cs + 1, size=2))
         _paste(canvas, src[oy : oy + cs, ox : ox + cs], y, x, style.alpha_ramp)
     size = int(round(ITEM * rng.uniform(style.scale_min, style.scale_max)))
     y, x = (int(v) for v in rng.integers(0, CANVAS - size + 1, size=2))
-    _paste(canvas, _resize(item, size), y, x, style.alpha_ramp)
+    drawn = _resize(item, size)
+    _paste(canvas, _outline(drawn) if style.sketch else drawn, y, x, style.alpha_ramp)
     return np.clip(np.rint(canvas), 0, 255).astype(np.uint8), (y, x, size)
 
 

@@ -31,14 +31,14 @@ def build_pack(split: str, idx_dir: Path = tbdata.DEFAULT_IDX_DIR, out: Path | N
     images, labels = tbdata.load_fashion_mnist(source, idx_dir)
     indices = tbdata.select_eval_indices(labels, per_class=per_class, seed=seed)
     items, item_labels = images[indices], labels[indices]
-    canvases = tbdata.render_canvases(items, seed=seed)
-    sha = tbdata.canvases_sha256(canvases)
+    sha = tbdata.canvases_sha256(tbdata.render_canvases(items, seed=seed))
+    sketch_sha = tbdata.canvases_sha256(tbdata.render_canvases(items, seed=seed, style=tbdata.SKETCH))
     out = Path(out or default_out)
     tmp = out.with_name(out.name + ".tmp.npz")
     np.savez_compressed(tmp, items=items, labels=item_labels, source_indices=indices.astype(np.int32),
-                        seed=np.int64(seed), canvases_sha256=np.array(sha))
+                        seed=np.int64(seed), canvases_sha256=np.array(sha), sketch_canvases_sha256=np.array(sketch_sha))
     tmp.replace(out)
-    return {"path": str(out), "count": int(len(items)), "canvases_sha256": sha}
+    return {"path": str(out), "count": int(len(items)), "canvases_sha256": sha, "sketch_canvases_sha256": sketch_sha}
 
 
 @functools.lru_cache(maxsize=2)
@@ -47,14 +47,19 @@ def _pack(path: str):
     if not p.exists():
         raise PrtoolError(f"testbed pack {p} is missing: run `prtool testbed data --build-packs`")
     with np.load(p) as z:
-        return z["items"], z["labels"].astype(np.int64), int(z["seed"]), str(z["canvases_sha256"])
+        shas = {"": str(z["canvases_sha256"]), "sketch": str(z["sketch_canvases_sha256"]) if "sketch_canvases_sha256" in z else None}
+        return z["items"], z["labels"].astype(np.int64), int(z["seed"]), shas
 
 
 @functools.lru_cache(maxsize=4)
-def _render(path: str, limit: int | None):
-    items, labels, seed, sha = _pack(path)
+def _render(path: str, limit: int | None, domain: str = ""):
+    items, labels, seed, shas = _pack(path)
+    sha = shas[domain]
+    if sha is None:
+        raise PrtoolError(f"testbed pack {path} has no {domain} record: run `prtool testbed data --build-packs`")
     n = len(items) if limit is None else min(limit, len(items))
-    canvases = tbdata.render_canvases(items, seed=seed, indices=range(n))
+    style = tbdata.SKETCH if domain == "sketch" else tbdata.CanvasStyle()
+    canvases = tbdata.render_canvases(items, seed=seed, indices=range(n), style=style)
     if limit is None or n == len(items):
         got = tbdata.canvases_sha256(canvases)
         if got != sha:
@@ -66,11 +71,16 @@ def _render(path: str, limit: int | None):
     return canvases, labels[:n]
 
 
-def load_split_canvases(split: str, limit: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """``(canvases [M, 112, 112, 3] uint8, labels [M] int64)`` of a shipped split (train or test)."""
+def load_split_canvases(split: str, limit: int | None = None, domain: str = "") -> tuple[np.ndarray, np.ndarray]:
+    """``(canvases [M, 112, 112, 3] uint8, labels [M] int64)`` of a shipped split (train or test).
+
+    ``domain="sketch"`` renders the same items as line drawings (``tbdata.SKETCH``).
+    """
     if split not in PACKS:
         raise PrtoolError(f"the testbed ships the splits {', '.join(PACKS)}, not {split!r}")
-    return _render(str(PACKS[split][0]), limit)
+    if domain not in ("", "sketch"):
+        raise PrtoolError(f"unknown testbed domain {domain!r}: use testbed or testbed-sketch")
+    return _render(str(PACKS[split][0]), limit, domain)
 
 
 def load_eval_canvases(limit: int | None = None) -> tuple[np.ndarray, np.ndarray]:

@@ -1,7 +1,7 @@
 """Train the testbed CLIP from scratch on Cluttered Fashion-MNIST (CPU, about 67 min on 2 cores).
 
 Objective: CLIP's symmetric contrastive loss with *soft targets over classes*. Captions come from
-12 templates x 3-4 synonyms per class, so one batch of 128 images holds many captions of the same
+12 templates x 3-4 synonyms per class, so one batch of 64 images holds many captions of the same
 class, and often the very same caption twice. Plain InfoNCE would treat those as negatives and
 push apart captions that mean the same thing (false negatives). Instead each image draws one
 caption, duplicate captions are merged, and the image->text target is uniform over the captions
