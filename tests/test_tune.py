@@ -109,6 +109,28 @@ def test_tokens_for_another_model_or_schedule_are_refused(tiny, data, tmp_path):
         load_tokens(tokens, tiny.model, None, 32, tiny.model_id, "1:32")
 
 
+
+def test_tokens_tuned_behind_another_ranking_are_refused(tiny, data, tmp_path):
+    spec, learner, metrics = _tune(tiny, data)
+    tokens = tmp_path / "tok.safetensors"
+    save_tuned(learner, tokens, tiny, spec, TuneConfig(n_ctx=2), data.classnames, metrics)
+    pred = tmp_path / "pred.safetensors"
+    pred.write_bytes(b"some predictor")
+    with pytest.raises(PrtoolError, match="tuned with scorer 'cls-attn', not 'predictor'.*--scorer cls-attn"):
+        export_extras(tiny, EncoderSpec(schedule_for(tiny, "1:32"), "predictor", pred), tokens, classifier=False)
+    meta = json.loads(tokens.with_suffix(".json").read_text())
+    assert meta["predictor_sha256"] is None
+    meta.update(scorer="predictor", predictor="other.safetensors", predictor_sha256="ab" * 32)
+    tokens.with_suffix(".json").write_text(json.dumps(meta))
+    with pytest.raises(PrtoolError, match="tuned behind predictor other.safetensors"):
+        export_extras(tiny, EncoderSpec(schedule_for(tiny, "1:32"), "predictor", pred), tokens, classifier=False)
+    from prtool.models import sha256_file
+
+    meta["predictor_sha256"] = sha256_file(pred)  # the same predictor file: accepted
+    tokens.with_suffix(".json").write_text(json.dumps(meta))
+    assert export_extras(tiny, EncoderSpec(schedule_for(tiny, "1:32"), "predictor", pred), tokens, classifier=False)["manifest"]["tokens"]
+
+
 def test_export_text_with_learned_context(tiny, data, tmp_path):
     from prtool.text_export import export_text
 
