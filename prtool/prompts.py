@@ -43,20 +43,22 @@ def encode_text_embeddings(model, embeds: torch.Tensor, tokens: torch.Tensor) ->
 DEFAULT_N_CTX = 16  # CoOp's unified context length
 
 
-def context_room(model, tokenizer, names: list[str]) -> int | None:
-    """How many context vectors fit before the longest class name in the model's text context.
+def context_room(model, tokenizer, names: list[list[str]]) -> int | None:
+    """How many context vectors fit before the longest class name (``names``: the names of each
+    class, e.g. ``dataset.class_synonyms``) in the model's text context.
 
     None when the tokenizer cannot tell (no ``encode``): then nothing is checked.
     """
     encode = getattr(tokenizer, "encode", None)
-    if encode is None or not names:
+    flat = [n for group in names for n in group]
+    if encode is None or not flat:
         return None
     length = int(model.positional_embedding.shape[0])
-    longest = max(len(encode(f"{n.replace('_', ' ')}.")) for n in names)
+    longest = max(len(encode(f"{n.replace('_', ' ')}.")) for n in flat)
     return length - 2 - longest  # start and end of text
 
 
-def resolve_n_ctx(n_ctx: int | None, model, tokenizer, names: list[str]) -> int:
+def resolve_n_ctx(n_ctx: int | None, model, tokenizer, names: list[list[str]]) -> int:
     """``--n-ctx``: as given (refused with the fix when it cannot fit), or by default 16 or what fits."""
     room = context_room(model, tokenizer, names)
     if n_ctx is None:
@@ -130,8 +132,8 @@ class PromptLearner(nn.Module):
         names = synonyms or [[c] for c in classnames]
         if len(names) != len(classnames):
             raise PrtoolError(f"{len(names)} synonym lists for {len(classnames)} classes")
+        resolve_n_ctx(self.n_ctx, self.model, self.tokenizer, names)  # a prompt cut short is refused
         flat = [n for group in names for n in group]
-        resolve_n_ctx(self.n_ctx, self.model, self.tokenizer, flat)  # a prompt cut short is refused
         tokens = self.prompt_tokens(flat)
         emb = self.model.token_embedding(tokens)
         ctx = self.ctx.to(emb.dtype).unsqueeze(0).expand(len(flat), -1, -1)
@@ -157,8 +159,10 @@ def save_tokens(learner: PromptLearner, path: Path, meta: dict) -> None:
     tmp_j.replace(path.with_suffix(".json"))
 
 
-def load_tokens(path: Path, model, tokenizer, vision_width: int, model_id: dict, schedule_text: str) -> tuple[PromptLearner, dict]:
-    """Read a tokens checkpoint and refuse one made for another model or schedule, naming both."""
+def load_tokens(path: Path, model, tokenizer, vision_width: int, model_id: dict, schedule_text: str,
+                scorer: str | None = None, predictor_path: Path | None = None) -> tuple[PromptLearner, dict]:
+    """Read a tokens checkpoint and refuse one made for another model, schedule, scorer or predictor
+    file (when those are given), naming both."""
     from safetensors.torch import load_file
 
     path = Path(path)
@@ -173,6 +177,17 @@ def load_tokens(path: Path, model, tokenizer, vision_width: int, model_id: dict,
     if meta.get("schedule") != schedule_text:
         raise PrtoolError(f"tokens {path} were tuned with schedule {meta.get('schedule')!r}, not {schedule_text!r}: "
                           "export with the tuning schedule, or tune for this one")
+    made = meta.get("scorer")
+    if scorer is not None and made is not None and schedule_text and made != scorer:
+        raise PrtoolError(f"tokens {path} were tuned with scorer {made!r}, not {scorer!r}: "
+                          f"export with --scorer {made}, or tune for this scorer")
+    sha = meta.get("predictor_sha256")  # absent in tokens written before it was recorded
+    if sha and scorer == "predictor" and predictor_path:
+        from prtool.models import sha256_file
+
+        if sha256_file(predictor_path) != sha:
+            raise PrtoolError(f"tokens {path} were tuned behind predictor {meta.get('predictor')} (sha256 {sha[:12]}), "
+                              f"not {predictor_path}: export with that predictor, or tune for this one")
     learner = PromptLearner(model, tokenizer, meta["n_ctx"], meta["mode"], init=None, vision_width=vision_width)
     state = load_file(str(path))
     try:

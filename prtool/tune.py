@@ -165,8 +165,7 @@ def export_extras(loaded: LoadedModel, spec: EncoderSpec, tokens: Path | None, c
     learner = None
     if tokens is not None:
         learner, meta = load_tokens(tokens, loaded.model, tokenizer_for(loaded), loaded.visual.class_embedding.shape[0],
-                                    loaded.model_id, spec.schedule.to_string())
-        _check_scorer(tokens, meta, spec)
+                                    loaded.model_id, spec.schedule.to_string(), spec.scorer, spec.predictor_path)
         vt = learner.visual_tokens()
         out["visual_prompts"] = None if vt is None else vt.detach()
         out["manifest"]["tokens"] = {"file": str(tokens), "sha256": sha256_file(tokens), "n_ctx": meta["n_ctx"],
@@ -185,21 +184,6 @@ def export_extras(loaded: LoadedModel, spec: EncoderSpec, tokens: Path | None, c
             raise PrtoolError("--classifier needs class names: pass --tokens from `prtool tune` or --data")
         out["manifest"]["classnames"] = list(classnames)
     return out
-
-
-def _check_scorer(tokens: Path, meta: dict, spec: EncoderSpec) -> None:
-    """Tokens learned behind one token ranking are refused behind another (scorer or predictor file)."""
-    from prtool.errors import PrtoolError
-    from prtool.models import sha256_file
-
-    made = meta.get("scorer")
-    if made is not None and spec.schedule.stages and made != spec.scorer:
-        raise PrtoolError(f"tokens {tokens} were tuned with scorer {made!r}, not {spec.scorer!r}: "
-                          f"export with --scorer {made}, or tune for this scorer")
-    sha = meta.get("predictor_sha256")  # absent in tokens written before it was recorded
-    if sha and spec.scorer == "predictor" and spec.predictor_path and sha256_file(spec.predictor_path) != sha:
-        raise PrtoolError(f"tokens {tokens} were tuned behind predictor {meta.get('predictor')} (sha256 {sha[:12]}), "
-                          f"not {spec.predictor_path}: export with that predictor, or tune for this one")
 
 
 def learner_classnames(tokens: Path) -> list[str]:

@@ -199,11 +199,11 @@ def test_n_ctx_must_leave_room_for_the_class_names(tiny, data):
     from prtool.tune import tokenizer_for
 
     tok = tokenizer_for(tiny)
-    room = context_room(tiny.model, tok, ["red", "blue"])
+    room = context_room(tiny.model, tok, [["red"], ["blue"]])
     assert room == tiny.model.positional_embedding.shape[0] - 2 - 2  # start, end; "blue." is 2 tokens
-    assert resolve_n_ctx(None, tiny.model, tok, ["red", "blue"]) == min(16, room)
-    assert resolve_n_ctx(room, tiny.model, tok, ["red", "blue"]) == room
+    assert resolve_n_ctx(None, tiny.model, tok, [["red"], ["blue"]]) == min(16, room)
+    assert resolve_n_ctx(room, tiny.model, tok, [["red"], ["blue"]]) == room
     with pytest.raises(PrtoolError, match=f"--n-ctx {room + 1} does not fit.*use --n-ctx {room} or fewer"):
-        resolve_n_ctx(room + 1, tiny.model, tok, ["red", "blue"])
+        resolve_n_ctx(room + 1, tiny.model, tok, [["red"], ["blue"]])
     with pytest.raises(PrtoolError, match="does not fit"):  # a prompt cut short never reaches the text tower
         _tune(tiny, data, mode="text", n_ctx=room + 1)

@@ -51,7 +51,7 @@ def tune(
     loaded = load_clip(model, pretrained)
     spec = EncoderSpec(schedule_for(loaded, schedule, keep_ratio, stages, first_block), scorer, predictor, seed=seed)
     train = few_shot(load_dataset(data, split, image_root), shots, seed)
-    n_ctx = resolve_n_ctx(n_ctx, loaded.model, tokenizer_for(loaded), [n for g in train.class_synonyms for n in g])
+    n_ctx = resolve_n_ctx(n_ctx, loaded.model, tokenizer_for(loaded), train.class_synonyms)
     cfg = TuneConfig(n_ctx, mode, shots, epochs, batch_size, lr, init=init, seed=seed, kg_weight=kg_weight)
     learner, metrics = tune_tokens(loaded, train, spec, cfg, quiet=quiet)
     if eval_split:

@@ -56,6 +56,7 @@ class CanvasStyle:
 
 
 SKETCH = CanvasStyle(sketch=True)
+DOMAINS = {"": CanvasStyle(), "sketch": SKETCH}  # rendering domain -> style; "" is the testbed itself
 
 
 def _open_idx(path: Path) -> bytes:

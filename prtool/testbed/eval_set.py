@@ -31,14 +31,19 @@ def build_pack(split: str, idx_dir: Path = tbdata.DEFAULT_IDX_DIR, out: Path | N
     images, labels = tbdata.load_fashion_mnist(source, idx_dir)
     indices = tbdata.select_eval_indices(labels, per_class=per_class, seed=seed)
     items, item_labels = images[indices], labels[indices]
-    sha = tbdata.canvases_sha256(tbdata.render_canvases(items, seed=seed))
-    sketch_sha = tbdata.canvases_sha256(tbdata.render_canvases(items, seed=seed, style=tbdata.SKETCH))
+    shas = {_sha_key(d): tbdata.canvases_sha256(tbdata.render_canvases(items, seed=seed, style=style))
+            for d, style in tbdata.DOMAINS.items()}
     out = Path(out or default_out)
     tmp = out.with_name(out.name + ".tmp.npz")
     np.savez_compressed(tmp, items=items, labels=item_labels, source_indices=indices.astype(np.int32),
-                        seed=np.int64(seed), canvases_sha256=np.array(sha), sketch_canvases_sha256=np.array(sketch_sha))
+                        seed=np.int64(seed), **{k: np.array(v) for k, v in shas.items()})
     tmp.replace(out)
-    return {"path": str(out), "count": int(len(items)), "canvases_sha256": sha, "sketch_canvases_sha256": sketch_sha}
+    return {"path": str(out), "count": int(len(items)), **shas}
+
+
+def _sha_key(domain: str) -> str:
+    """The pack field recording a domain's canvases: ``canvases_sha256``, ``sketch_canvases_sha256``."""
+    return f"{domain}_canvases_sha256" if domain else "canvases_sha256"
 
 
 @functools.lru_cache(maxsize=2)
@@ -47,7 +52,7 @@ def _pack(path: str):
     if not p.exists():
         raise PrtoolError(f"testbed pack {p} is missing: run `prtool testbed data --build-packs`")
     with np.load(p) as z:
-        shas = {"": str(z["canvases_sha256"]), "sketch": str(z["sketch_canvases_sha256"]) if "sketch_canvases_sha256" in z else None}
+        shas = {d: str(z[_sha_key(d)]) if _sha_key(d) in z else None for d in tbdata.DOMAINS}
         return z["items"], z["labels"].astype(np.int64), int(z["seed"]), shas
 
 
@@ -58,8 +63,7 @@ def _render(path: str, limit: int | None, domain: str = ""):
     if sha is None:
         raise PrtoolError(f"testbed pack {path} has no {domain} record: run `prtool testbed data --build-packs`")
     n = len(items) if limit is None else min(limit, len(items))
-    style = tbdata.SKETCH if domain == "sketch" else tbdata.CanvasStyle()
-    canvases = tbdata.render_canvases(items, seed=seed, indices=range(n), style=style)
+    canvases = tbdata.render_canvases(items, seed=seed, indices=range(n), style=tbdata.DOMAINS[domain])
     if limit is None or n == len(items):
         got = tbdata.canvases_sha256(canvases)
         if got != sha:
@@ -78,7 +82,7 @@ def load_split_canvases(split: str, limit: int | None = None, domain: str = "") 
     """
     if split not in PACKS:
         raise PrtoolError(f"the testbed ships the splits {', '.join(PACKS)}, not {split!r}")
-    if domain not in ("", "sketch"):
+    if domain not in tbdata.DOMAINS:
         raise PrtoolError(f"unknown testbed domain {domain!r}: use testbed or testbed-sketch")
     return _render(str(PACKS[split][0]), limit, domain)
 
