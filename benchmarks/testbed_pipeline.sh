@@ -2,7 +2,7 @@
 # Regenerates every committed testbed artifact and result from scratch, with prtool's own commands:
 # the checkpoint, its reference embedding, golden rankings, the predictor, the demo's learnable tokens,
 # and the benchmark tables.
-#   bash benchmarks/testbed_pipeline.sh            # everything (~2 h 25 min on 2 cores; training is ~67 min)
+#   bash benchmarks/testbed_pipeline.sh            # everything (~1 h 55 min on 2 cores; training is ~60 min)
 #   SKIP_TRAIN=1 bash benchmarks/testbed_pipeline.sh   # keep the committed checkpoint
 # Needs Debian's dataset-fashion-mnist for training; run `make install` first.
 set -euo pipefail
@@ -43,6 +43,7 @@ prtool bench accuracy -s 1:20,2:20,3:19,4:19 --methods none,patch-ranking,golden
 prtool bench prompts -s 1:20,2:20,3:19,4:19 --predictor $PRED --n-ctx 4 --epochs 20 -o $R/prompts -q > /dev/null
 # the downstream domain (line drawings of the same items) where few-shot tuning has something to win
 prtool bench prompts -d testbed-sketch -s 1:20,2:20,3:19,4:19 --predictor $PRED $SKETCH_TUNE -o $R/prompts-sketch -q > /dev/null
+python benchmarks/fewshot_headroom.py --data testbed --data testbed-sketch > $R/fewshot-headroom.jsonl
 step "the T+V+prune row as a deployable artifact: tune, export with tokens + classifier head, score the ONNX"
 prtool tune -s 1:20,2:20,3:19,4:19 --predictor $PRED --n-ctx 4 --epochs 20 -o $A/tokens.safetensors --json -q > $R/tune.json
 prtool export --tokens $A/tokens.safetensors --classifier -s 1:20,2:20,3:19,4:19 --predictor $PRED -o $R/tuned.onnx --json -q > $R/export_tuned.json
@@ -54,6 +55,7 @@ done
 for p in prompts prompts-sketch; do
   cp $R/$p/prompts.md $RES/testbed-$p-$ENV.md; cp $R/$p/prompts.json $RES/testbed-$p-$ENV.json
 done
+cp $R/fewshot-headroom.jsonl $RES/fewshot-headroom-$ENV.jsonl
 mkdir -p $RES/testbed-logs
 for f in eval_unpruned_torch eval_unpruned_onnx rank_train rank_test tune export_tuned eval_tuned_onnx; do cp $R/$f.json $RES/testbed-logs/$f-$ENV.json; done
 cp $R/predictor.json $RES/testbed-logs/train_predictor-$ENV.json

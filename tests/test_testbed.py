@@ -35,6 +35,23 @@ def test_background_is_textured_everywhere():
         assert (c.std(axis=1) > 0).all()  # no flat patch
 
 
+def test_item_is_opaque_over_its_silhouette_and_drawn_large():
+    # a dark garment (intensity 30) keeps its own intensity on any background; clutter does not draw over it
+    item = np.zeros((1, 28, 28), np.uint8)
+    item[0, 6:22, 8:20] = 30
+    for seed in range(6):
+        canvas, box = tbdata.render_canvases(item, seed=seed, clutter_pool=np.zeros((1, 28, 28), np.uint8),
+                                             return_boxes=True)
+        y, x, size = (int(v) for v in box[0])
+        assert tbdata.ITEM * 1.5 - 1 <= size <= tbdata.ITEM * 2
+        drawn = tbdata._resize(item[0], size)
+        inside = drawn >= tbdata.CanvasStyle().item_ramp  # the silhouette, away from its anti-aliased edge
+        region = canvas[0, y : y + size, x : x + size].astype(np.float32)
+        assert inside.sum() > 100
+        # fine noise is added to the background only, so the pasted item is exactly its own intensity
+        assert np.abs(region[inside] - drawn[inside][:, None]).max() <= 0.5
+
+
 def test_shipped_packs_render_to_their_recorded_bytes():
     canvases, labels = load_split_canvases("test")
     assert canvases.shape == (2000, 112, 112, 3)

@@ -68,7 +68,7 @@ def data(
 def train(
     out: Annotated[Path, typer.Option("--out", "-o", help="Output checkpoint (.safetensors, fp16).")] = Path("runs/testbed/testbed.safetensors"),
     idx_dir: IdxDir = DEFAULT_IDX,
-    samples: Annotated[int, typer.Option("--samples", help="Training images seen in total.")] = 240_000,
+    samples: Annotated[int, typer.Option("--samples", help="Training images seen in total.")] = 224_000,
     batch_size: o.BatchSize = 64,  # keep in step with TrainConfig
     seed: o.Seed = 0,
     no_resume: Annotated[bool, typer.Option("--no-resume", help="Start over even if a training state exists.")] = False,
@@ -77,7 +77,7 @@ def train(
     quiet: o.Quiet = False,
     verbose: o.Verbose = False,
 ):
-    """Train the testbed CLIP from scratch (about 67 min on 2 CPU cores); resumes if interrupted."""
+    """Train the testbed CLIP from scratch (about an hour on 2 CPU cores); resumes if interrupted."""
     setup(quiet, verbose)
     from prtool.testbed import spec
     from prtool.testbed.eval_set import write_reference
