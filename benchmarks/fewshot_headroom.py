@@ -34,8 +34,7 @@ def embed(enc, dataset, preprocess) -> tuple[torch.Tensor, torch.Tensor]:
 def headroom(loaded, data: str, shots: list[int], steps: int = 300, seed: int = 0) -> dict:
     test, train = load_dataset(data, "test"), load_dataset(data, "train")
     enc, _ = build_pruned_encoder(loaded, EncoderSpec(schedule_for(loaded, "none")), normalize=True)
-    zero = text_classifier(loaded, test).float()
-    zero = zero if zero.shape[0] == len(test.classnames) else zero.t()  # [C, E]
+    zero = text_classifier(loaded, test).float()  # [C, E] unit rows
     xt, yt = embed(enc, test, loaded.preprocess)
     out = {"data": data, "test_images": len(test), "zero_shot": 100.0 * float(((xt @ zero.t()).argmax(1) == yt).float().mean())}
     scale = float(loaded.model.logit_scale.detach().exp())

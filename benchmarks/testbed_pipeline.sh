@@ -12,7 +12,7 @@ A=prtool/testbed/assets
 R=runs/pipeline
 ENV=$(python -c "from prtool.envinfo import env_fingerprint; print(env_fingerprint())")
 RES=benchmarks/results
-SKETCH_TUNE="--n-ctx 4 --epochs 50 --lr 0.002 --kg-weight 8"  # chosen on a validation split (benchmarks/README.md)
+SKETCH_TUNE="--n-ctx 4 --epochs 50 --lr 0.002 --kg-weight 8"  # chosen with testbed v2 on a validation split (benchmarks/README.md)
 mkdir -p $R $RES
 step() { echo "== $(date +%T) $*" >&2; }
 if [ -z "${SKIP_TRAIN:-}" ]; then

@@ -17,10 +17,7 @@ from prtool.zeroshot import class_text_embeddings, evaluate_embeddings, onnx_emb
 
 
 def text_classifier(loaded: LoadedModel, dataset: ImageDataset) -> torch.Tensor:
-    import open_clip
-
-    tokenizer = open_clip.get_tokenizer(loaded.name)
-    return class_text_embeddings(loaded.model, tokenizer, dataset.class_prompts)
+    return class_text_embeddings(loaded.model, loaded.tokenizer(), dataset.class_prompts)
 
 
 def _progress_batches(dataset: ImageDataset, batch_size: int, preprocess: dict, label: str, skip_bad: bool = False):

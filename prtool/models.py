@@ -43,6 +43,10 @@ class LoadedModel:
     def model_id(self) -> dict:
         return {"model": self.name, "pretrained": self.pretrained, "checkpoint_sha256": self.checkpoint_sha256}
 
+    def tokenizer(self):
+        """The model's open_clip tokenizer."""
+        return _open_clip().get_tokenizer(self.name)
+
 
 def _open_clip():
     import open_clip

@@ -177,7 +177,7 @@ def load_tokens(path: Path, model, tokenizer, vision_width: int, model_id: dict,
     if meta.get("schedule") != schedule_text:
         raise PrtoolError(f"tokens {path} were tuned with schedule {meta.get('schedule')!r}, not {schedule_text!r}: "
                           "export with the tuning schedule, or tune for this one")
-    made = meta.get("scorer")
+    made = meta.get("scorer")  # an unpruned schedule ("") ranks nothing, so its scorer does not matter
     if scorer is not None and made is not None and schedule_text and made != scorer:
         raise PrtoolError(f"tokens {path} were tuned with scorer {made!r}, not {scorer!r}: "
                           f"export with --scorer {made}, or tune for this scorer")

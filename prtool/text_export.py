@@ -43,14 +43,12 @@ class TextEncoder(nn.Module):
 def export_text(loaded: LoadedModel, out: Path, tokens: Path | None = None, classnames: list[str] | None = None,
                 opset: int = 18, atol: float = 1e-4) -> dict:
     """Export, check against PyTorch on the class prompts, and write ``out`` + manifest atomically."""
-    import open_clip
-
     from prtool.export import _check_output_dir, mha_fastpath_disabled
     from prtool.validate import ort_session
 
     out = Path(out)
     _check_output_dir(out)
-    tokenizer = open_clip.get_tokenizer(loaded.name)
+    tokenizer = loaded.tokenizer()
     ctx, n_ctx = None, 0
     if tokens is not None:
         from safetensors.torch import load_file

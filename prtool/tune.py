@@ -45,14 +45,8 @@ class TuneConfig:
     kg_weight: float = 8.0  # KgCoOp's lambda; 0 = plain CoOp
 
 
-def tokenizer_for(loaded: LoadedModel):
-    import open_clip
-
-    return open_clip.get_tokenizer(loaded.name)
-
-
 def make_learner(loaded: LoadedModel, cfg: TuneConfig) -> PromptLearner:
-    return PromptLearner(loaded.model, tokenizer_for(loaded), cfg.n_ctx, cfg.mode, cfg.init,
+    return PromptLearner(loaded.model, loaded.tokenizer(), cfg.n_ctx, cfg.mode, cfg.init,
                          vision_width=loaded.visual.class_embedding.shape[0], seed=cfg.seed)
 
 
@@ -164,7 +158,7 @@ def export_extras(loaded: LoadedModel, spec: EncoderSpec, tokens: Path | None, c
     out: dict = {"visual_prompts": None, "class_embeds": None, "manifest": {}}
     learner = None
     if tokens is not None:
-        learner, meta = load_tokens(tokens, loaded.model, tokenizer_for(loaded), loaded.visual.class_embedding.shape[0],
+        learner, meta = load_tokens(tokens, loaded.model, loaded.tokenizer(), loaded.visual.class_embedding.shape[0],
                                     loaded.model_id, spec.schedule.to_string(), spec.scorer, spec.predictor_path)
         vt = learner.visual_tokens()
         out["visual_prompts"] = None if vt is None else vt.detach()

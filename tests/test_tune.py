@@ -196,9 +196,7 @@ def test_kg_term_keeps_the_text_near_zero_shot(tiny, data):
 
 def test_n_ctx_must_leave_room_for_the_class_names(tiny, data):
     from prtool.prompts import context_room, resolve_n_ctx
-    from prtool.tune import tokenizer_for
-
-    tok = tokenizer_for(tiny)
+    tok = tiny.tokenizer()
     room = context_room(tiny.model, tok, [["red"], ["blue"]])
     assert room == tiny.model.positional_embedding.shape[0] - 2 - 2  # start, end; "blue." is 2 tokens
     assert resolve_n_ctx(None, tiny.model, tok, [["red"], ["blue"]]) == min(16, room)

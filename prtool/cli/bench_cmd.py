@@ -142,12 +142,12 @@ def prompts(
     from prtool.manifest import write_json_atomic
     from prtool.models import load_clip
     from prtool.prompts import resolve_n_ctx
-    from prtool.tune import TuneConfig, tokenizer_for
+    from prtool.tune import TuneConfig
 
     loaded = load_clip(model, pretrained)
     sched = schedule_for(loaded, schedule, keep_ratio, stages, first_block)
     train = load_dataset(data, train_split, image_root)
-    n_ctx = resolve_n_ctx(n_ctx, loaded.model, tokenizer_for(loaded), train.class_synonyms)
+    n_ctx = resolve_n_ctx(n_ctx, loaded.model, loaded.tokenizer(), train.class_synonyms)
     cfg = TuneConfig(n_ctx=n_ctx, shots=shots, epochs=epochs, lr=lr, seed=seed, kg_weight=kg_weight)
     result = bench_prompts(loaded, train, load_dataset(data, test_split, image_root).limit(limit), sched, scorer, predictor, cfg)
     result["tune_config"] = {"n_ctx": n_ctx, "shots": shots, "epochs": epochs, "seed": seed, "lr": cfg.lr,

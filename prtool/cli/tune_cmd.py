@@ -46,12 +46,12 @@ def tune(
     from prtool.datasets import few_shot, load_dataset
     from prtool.models import load_clip
     from prtool.prompts import resolve_n_ctx
-    from prtool.tune import TuneConfig, evaluate_tuned, save_tuned, tokenizer_for, tune_tokens
+    from prtool.tune import TuneConfig, evaluate_tuned, save_tuned, tune_tokens
 
     loaded = load_clip(model, pretrained)
     spec = EncoderSpec(schedule_for(loaded, schedule, keep_ratio, stages, first_block), scorer, predictor, seed=seed)
     train = few_shot(load_dataset(data, split, image_root), shots, seed)
-    n_ctx = resolve_n_ctx(n_ctx, loaded.model, tokenizer_for(loaded), train.class_synonyms)
+    n_ctx = resolve_n_ctx(n_ctx, loaded.model, loaded.tokenizer(), train.class_synonyms)
     cfg = TuneConfig(n_ctx, mode, shots, epochs, batch_size, lr, init=init, seed=seed, kg_weight=kg_weight)
     learner, metrics = tune_tokens(loaded, train, spec, cfg, quiet=quiet)
     if eval_split:
