@@ -22,9 +22,12 @@ def default_rank_block(loaded: LoadedModel) -> int:
     return default_first_block(tower_geometry(loaded)[1])
 
 
-def rank_dataset(loaded: LoadedModel, dataset: ImageDataset, out: Path, cfg: RankConfig, shard_size: int = 256,
-                 skip_bad: bool = False, batched: bool = True, quiet: bool = False) -> dict:
-    """Golden rankings of every image of ``dataset`` into the store ``out`` (resumable, torchrun-aware)."""
+def rank_dataset(loaded: LoadedModel, dataset: ImageDataset, out: Path, cfg: RankConfig, shard_size: int | None = None,
+                 skip_bad: bool = False, batched: bool = True, quiet: bool = False, command: str | None = None) -> dict:
+    """Golden rankings of every image of ``dataset`` into the store ``out`` (verified, resumable, torchrun-aware).
+
+    ``shard_size`` None: the existing store's, else a few minutes of work on 2 CPU cores.
+    """
     n, depth, width = tower_geometry(loaded)
     encoder, _ = build_pruned_encoder(loaded, EncoderSpec(schedule_for(loaded, "none")), normalize=False)
     class_emb = None
@@ -41,7 +44,7 @@ def rank_dataset(loaded: LoadedModel, dataset: ImageDataset, out: Path, cfg: Ran
             "depth": depth, "grid": list(loaded.visual.grid_size), "num_variants": len(ranker.windows),
             "dataset": dataset.name, "split": dataset.split, "dataset_fingerprint": dataset.fingerprint()}
     plan.pop("batch_size")  # throughput knob, not part of the result's identity
-    return compute_store(ranker, dataset, loaded.preprocess, Path(out), plan, shard_size, skip_bad, quiet)
+    return compute_store(ranker, dataset, loaded.preprocess, Path(out), plan, shard_size, skip_bad, quiet, command)
 
 
 def train_from_store(loaded: LoadedModel, dataset: ImageDataset, rankings: Path, out: Path,

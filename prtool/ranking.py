@@ -76,6 +76,15 @@ class GoldenRanker:
             raise PrtoolError(f"greedy refinement drops {drop} x {cfg.iters - 1} of {self.n} tokens: lower --drop-per-iter")
         self.drop = drop
 
+    def macs_per_image(self) -> float:
+        """Multiply-accumulates to rank one image: every variant through the blocks from the rank block on."""
+        from prtool.flops import block_macs
+
+        enc = self.encoder
+        tail = len(enc.transformer.resblocks) - self.cfg.rank_block
+        tokens = self.n + enc.num_prefix - self.cfg.block_size ** 2
+        return float(self.cfg.iters * len(self.windows) * tail * block_macs(tokens, enc.width))
+
     def _tail(self, x: torch.Tensor) -> torch.Tensor:
         """Blocks from the rank block on, then ln_post(CLS) @ proj: ``[V, T, D] -> [V, E]``, unit norm."""
         enc = self.encoder

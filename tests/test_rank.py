@@ -103,6 +103,7 @@ def test_resume_after_kill_is_byte_identical(tmp_path):
     proc.wait()
     assert (out / "shard-00002.safetensors").exists() and not (out / "index.json").exists()
     assert len(list(out.glob("shard-*.safetensors"))) < 60  # really interrupted mid-run
+    assert (out / ".lock").exists()  # the killed holder's lock file stays behind; its flock died with it
     res = run_cli(*args, "-o", out, env=ONE_THREAD)
     assert res.returncode == 0, res.stderr
     assert _store_bytes(out) == _store_bytes(tmp_path / "ref")

@@ -27,21 +27,24 @@ def rank(
     iters: Annotated[int, typer.Option("--iters", help="Greedy refinement iterations (1 = none).")] = 1,
     drop_per_iter: Annotated[int, typer.Option("--drop-per-iter", help="Tokens dropped per refinement iteration (0 = N / (2 iters)).")] = 0,
     batch_size: o.BatchSize = 64,
-    shard_size: Annotated[int, typer.Option("--shard-size", help="Images per shard (the unit of resumption).")] = 256,
+    shard_size: Annotated[int | None, typer.Option("--shard-size", min=1, help="Images per shard, the unit of resumption (default: the store's, else a few minutes of work on 2 CPU cores).")] = None,
     limit: o.Limit = None,
     shots: o.Shots = None,
     seed: o.Seed = 0,
-    skip_bad: Annotated[bool, typer.Option("--skip-bad", help="Skip unreadable images (recorded) instead of failing.")] = False,
+    skip_bad: Annotated[bool, typer.Option("--skip-bad", help="Leave out unreadable images (listed in index.json) instead of failing; resumes a store made without it.")] = False,
     one_variant_at_a_time: Annotated[bool, typer.Option("--unbatched", help="Run variants one by one (benchmark reference).")] = False,
     as_json: o.Json = False,
     quiet: o.Quiet = False,
     verbose: o.Verbose = False,
 ):
-    """Golden rankings of a dataset's patches (Phase I). Resumable; distributed under torchrun."""
+    """Golden rankings of a dataset's patches (Phase I). Resumable and self-repairing; distributed under torchrun."""
     setup(quiet, verbose)
+    import sys
+
     from prtool.datasets import few_shot, load_dataset
     from prtool.jobs import default_rank_block, rank_dataset
     from prtool.models import load_clip
+    from prtool.rank_store import rank_command
     from prtool.ranking import RankConfig
 
     loaded = load_clip(model, pretrained)
@@ -49,12 +52,15 @@ def rank(
     dataset = (few_shot(dataset, shots, seed) if shots else dataset).limit(limit)
     cfg = RankConfig(rank_block if rank_block is not None else default_rank_block(loaded), score, block_size, stride,
                      iters, drop_per_iter, batch_size)
-    result = rank_dataset(loaded, dataset, out, cfg, shard_size, skip_bad, batched=not one_variant_at_a_time, quiet=quiet)
+    result = rank_dataset(loaded, dataset, out, cfg, shard_size, skip_bad, batched=not one_variant_at_a_time, quiet=quiet,
+                          command=rank_command(sys.argv[1:]))
     if result["rank"] != 0:
         return
     emit(result, as_json, lambda r: print(
-        f"ranked {r['images']} images into {r['out']} ({r['shards']} shards, {r['computed_shards']} computed now, "
-        f"{r['images_per_second']:.2f} img/s on {r['world']} process(es))"))
+        f"ranked {r['images']} images into {r['out']} ({r['shards']} shards of {r['shard_size']}, "
+        f"{r['verified_shards']} verified, {r['computed_shards']} computed now"
+        + (f", {r['skipped_images']} unreadable left out" if r["skipped_images"] else "")
+        + f", {r['images_per_second']:.2f} img/s on {r['world']} process(es))"))
 
 
 def train(

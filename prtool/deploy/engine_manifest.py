@@ -69,11 +69,21 @@ def read_engine_manifest(plan: Path, check_hash: bool = True) -> dict:
     if not isinstance(manifest, dict) or manifest.get("kind") != ENGINE_KIND:
         raise PrtoolError(f"{side} is not a prtool engine manifest: rebuild the engine with `prtool build`")
     if check_hash:
-        got = hashlib.sha256(plan.read_bytes()).hexdigest()
-        if got != manifest.get("engine_sha256"):
-            raise PrtoolError(f"manifest {side.name} describes another engine (sha256 {str(manifest.get('engine_sha256'))[:12]} "
-                              f"!= {got[:12]} of {plan.name}): rebuild the engine with `prtool build`")
+        check_engine_hash(plan, side, manifest)
     return manifest
+
+
+def check_engine_hash(plan: Path, side: Path, manifest: dict) -> None:
+    """Refuse, in one line naming both files, an engine whose bytes are not the ones its manifest describes."""
+    from prtool.models import sha256_file
+
+    want = manifest.get("engine_sha256")
+    got = sha256_file(plan)  # streamed: engines can be gigabytes
+    if got != want:
+        recorded = f"sha256 {want[:12]}..." if isinstance(want, str) else "no sha256"
+        raise PrtoolError(f"manifest {side} describes another engine ({recorded}) than {plan} (sha256 {got[:12]}...): "
+                          "the engine or its manifest was replaced or damaged; rebuild the engine with `prtool build`, "
+                          "which writes both")
 
 
 def describe_system(info: dict) -> str:
