@@ -286,3 +286,25 @@ def test_an_engine_that_does_not_match_its_manifest_is_one_line_naming_both(tmp_
     assert res.returncode == 1 and res.stdout == "" and len(res.stderr.strip().splitlines()) == 1
     assert f"manifest {tmp_path}/model.plan.json describes another engine" in res.stderr
     assert f"than {plan} (sha256 {hashlib.sha256(b'engine A').hexdigest()[:12]}" in res.stderr
+
+
+def test_every_reader_refuses_a_corrupt_store_naming_the_shard(tiny, folder, tmp_path):
+    from prtool.build import EncoderSpec, schedule_for
+    from prtool.evaluate import evaluate_zero_shot
+    from prtool.jobs import train_from_store
+    from prtool.show import render_show
+
+    out = tmp_path / "s"
+    _rank(tiny, folder, out)
+    os.truncate(out / "shard-00003.safetensors", 64)
+    ds = load_dataset(str(folder), "train")
+    readers = {
+        "train": lambda: train_from_store(tiny, ds, out, tmp_path / "p.safetensors", quiet=True),
+        "eval": lambda: evaluate_zero_shot(tiny, ds, EncoderSpec(schedule_for(tiny, "1:32"), "golden"), rankings=out),
+        "show": lambda: render_show(tiny, ds, schedule_for(tiny, "1:16"), tmp_path / "show.png", out, None, 2),
+    }
+    for read in readers.values():
+        with pytest.raises(PrtoolError, match=r"rankings shard .*shard-00003.safetensors is corrupt \(64 bytes, the "
+                                              r"index records \d+\): repair it by rerunning the `prtool rank`"):
+            read()
+    assert not (tmp_path / "p.safetensors").exists() and not (tmp_path / "show.png").exists()
