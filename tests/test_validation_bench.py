@@ -18,10 +18,10 @@ from unittest import mock
 import numpy as np
 import onnx
 import pytest
+import test_deploy_validate
 import torch
 from conftest import cli
 from onnx import TensorProto, helper, numpy_helper
-from safetensors.torch import save_file
 
 import prtool.export
 from prtool.build import EncoderSpec, schedule_for
@@ -34,6 +34,7 @@ from prtool.models import load_clip, sha256_file
 from prtool.pruned import PrunedVisionTransformer
 from prtool.validate import validation_images
 
+checkpoint = test_deploy_validate.checkpoint  # the fixture: the tiny model saved as a checkpoint file
 SCHEDULE = "1:16,2:16"
 EMB, KEPT = "image_embeds", "kept_patch_indices"
 
@@ -141,13 +142,6 @@ def break_file(path: Path, surgery) -> None:
 
 def failed(checks: list[dict]) -> set[str]:
     return {c["check"] for c in checks if not c["passed"]}
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tiny, tmp_path_factory):
-    path = tmp_path_factory.mktemp("bench-weights") / "tiny.safetensors"
-    save_file({k: v.clone().contiguous() for k, v in tiny.model.state_dict().items()}, str(path))
-    return path
 
 
 @pytest.fixture(scope="module")
