@@ -226,7 +226,10 @@ def test_validate_cli_refuses(case, capsys, broken_copy, checkpoint):
     before = sorted(p.name for p in path.parent.iterdir())
     code, out, err = cli(capsys, "validate", path, "-p", checkpoint, "--json")
     assert code == 2, err
-    assert CASES[case][1] in failed(json.loads(out)["validation"]["checks"])
+    doc = json.loads(out)
+    assert doc["passed"] is False and doc["validation"]["passed"] is False
+    assert CASES[case][1] in failed(doc["validation"]["checks"])
+    assert CASES[case][1] + ":" in err.strip().splitlines()[-1]  # the one-line error names the failed check
     assert sorted(p.name for p in path.parent.iterdir()) == before  # validate writes nothing
 
 
