@@ -34,3 +34,13 @@ lint: install
 
 clean:
 	rm -rf runs .pytest_cache build *.egg-info prtool.egg-info
+
+# Mutation testing of the core (prtool/pruned.py, peers.py, validate.py, rank_store.py, schedule.py,
+# predictor.py) against the tests that cover them; scope in pyproject.toml [tool.mutmut]. Not in CI.
+.PHONY: mutate
+mutate: install
+	$(PY) -m pip install -q -e '.[dev,mutate]'
+	rm -rf mutants
+	$(VENV)/bin/mutmut run --max-children $${MUTATE_JOBS:-2} || true
+	$(VENV)/bin/mutmut export-cicd-stats
+	$(VENV)/bin/mutmut results

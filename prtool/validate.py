@@ -99,6 +99,32 @@ def compare_kept(ort_idx: np.ndarray, torch_idx: np.ndarray, scores: np.ndarray 
             "untied_differences": int(untied)}
 
 
+def topk_order_violations(idx: np.ndarray, scores: np.ndarray, tie_eps: float) -> int:
+    """Positions ``j`` where ``idx[i, j]`` is not the patch with the j-th highest score (beyond ``tie_eps``).
+
+    The contract: kept indices are the top-k of the first-stage scores, most important first. This
+    is checked against the scorer's own scores, so it catches a TopK that PyTorch and ONNX share.
+    """
+    bad = 0
+    for row, s in zip(idx, scores):
+        want = np.sort(s)[::-1][: len(row)]
+        bad += int((np.abs(s[row] - want) > tie_eps * np.maximum(1.0, np.abs(want))).sum())
+    return bad
+
+
+def add_kept_checks(report: ValidationReport, name: str, label: str, got: np.ndarray, ref: np.ndarray,
+                    scores: np.ndarray | None, tol: Tolerances) -> dict:
+    """Report rows for a kept-index output: agreement with PyTorch, and (with scores) top-k in score order."""
+    m = compare_kept(got, ref, scores, tol.tie_eps)
+    report.add(f"{name} vs PyTorch, {label}", m["untied_differences"] == 0,
+               f"set agreement {m['mean_set_agreement']:.4f}, untied differences {m['untied_differences']}")
+    if scores is not None:
+        m["order_violations"] = topk_order_violations(got, scores, tol.tie_eps)
+        report.add(f"{name} top-k by score, {label}", m["order_violations"] == 0,
+                   f"{m['order_violations']} positions not the top-k of the scores in descending order")
+    return m
+
+
 def first_stage_scores(encoder, pixels: torch.Tensor) -> np.ndarray | None:
     """The scorer's patch scores at the first stage (used to recognise exact ties)."""
     if encoder.scorer is None or encoder.schedule.is_empty:
@@ -122,15 +148,10 @@ def validation_images(images: Path | None, preprocess: dict, count: int) -> tupl
     return batch, source
 
 
-def validate_onnx(path: Path, encoder, images: Path | None = None, batch_size: int = 7,
-                  tolerances: Tolerances = Tolerances(), expected_topk: int | None = None,
-                  preprocess: dict | None = None) -> ValidationReport:
-    """Compare ``path`` (run in onnxruntime CPU) with ``encoder`` (PyTorch, fp32) and report."""
+def check_graph(report: ValidationReport, path: Path, expected_topk: int | None) -> None:
+    """The graph's own rows: ``onnx.checker``, the TopK count with constant K, batch-only dynamic axes."""
     import onnx
 
-    if batch_size < 2:
-        raise PrtoolError("validation needs --batch-size >= 2 to check batching")
-    report = ValidationReport(tolerances=tolerances)
     try:
         onnx.checker.check_model(str(path), full_check=True)
         report.add("onnx.checker full check", True, "ok")
@@ -145,6 +166,15 @@ def validate_onnx(path: Path, encoder, images: Path | None = None, batch_size: i
     report.add("only batch axis dynamic", all(a == [0] for a in dyn.values()) and bool(dyn),
                ", ".join(f"{n}: {a}" for n, a in dyn.items()) or "no dynamic axis")
 
+
+def validate_onnx(path: Path, encoder, images: Path | None = None, batch_size: int = 7,
+                  tolerances: Tolerances = Tolerances(), expected_topk: int | None = None,
+                  preprocess: dict | None = None) -> ValidationReport:
+    """Compare ``path`` (run in onnxruntime CPU) with ``encoder`` (PyTorch, fp32) and report."""
+    if batch_size < 2:
+        raise PrtoolError("validation needs --batch-size >= 2 to check batching")
+    report = ValidationReport(tolerances=tolerances)
+    check_graph(report, path, expected_topk)
     pixels, report.images = validation_images(images, preprocess or {}, batch_size)
     pixels = pixels.float().contiguous()
     sess = ort_session(path)
@@ -164,10 +194,8 @@ def validate_onnx(path: Path, encoder, images: Path | None = None, batch_size: i
                 report.add(f"{name} vs PyTorch, {label}", m["within_tolerance"],
                            f"max abs {m['max_abs']:.2e}, mean abs {m['mean_abs']:.2e}, min cos {m['min_cosine']:.6f}")
             else:
-                m = compare_kept(o, t, None if scores is None else scores[sl], tolerances.tie_eps)
-                report.metrics[f"{name} @ {label}"] = m
-                report.add(f"{name} vs PyTorch, {label}", m["untied_differences"] == 0,
-                           f"set agreement {m['mean_set_agreement']:.4f}, untied differences {m['untied_differences']}")
+                report.metrics[f"{name} @ {label}"] = add_kept_checks(report, name, label, o, t,
+                                                                      None if scores is None else scores[sl], tolerances)
     # Batch independence: sample i alone == sample i inside the batch == sample i in the reversed batch.
     worst = 0.0
     rev = sess.run(None, {in_name: pixels.flip(0).numpy()})

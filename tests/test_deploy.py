@@ -322,11 +322,9 @@ def test_engine_validation_needs_tensorrt_and_rejects_onnx_options(capsys, tmp_p
     plan, _ = _fake_engine(tmp_path, vitb16, _fake_runtime())
     code, _, err = cli(capsys, "validate", plan, "--provider", "cuda")
     one_line_error(code, err, "apply to ONNX files")
-    try:
-        import tensorrt  # noqa: F401
+    import importlib.util
 
-        return
-    except ImportError:
-        pass
+    if importlib.util.find_spec("tensorrt") is not None:
+        pytest.skip("TensorRT is installed: the missing-TensorRT message cannot be shown (trt tests cover engines)")
     code, _, err = cli(capsys, "validate", plan)
     one_line_error(code, err, "tensorrt is not installed", "pip install 'prtool[gpu]'")

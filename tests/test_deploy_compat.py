@@ -50,7 +50,25 @@ def test_worked_example_is_self_consistent(tmp_path):
     assert ex["pixel_values"]["shape"] == [1, 3, 112, 112]
     # the by-hand formula a C++ consumer implements gives the pipeline's first value
     assert abs(ex["by_hand"]["value"] - ex["pixel_values"]["first4_per_channel_row0"]["R"][0]) < 1e-6
-    assert abs(sum(v * v for v in ex["unpruned"]["first8"])) <= 1.0
+    # the embeddings are the testbed CLIP's own (open_clip's encode_image, not prtool's encoder), on those pixels
+    import torch
+
+    from prtool.images import arrays_to_batch
+    from prtool.models import load_clip
+    from prtool.seed import seed_everything
+    from prtool.testbed.eval_set import load_split_canvases
+
+    seed_everything(0)
+    loaded = load_clip("testbed", "none")
+    pixels = arrays_to_batch(load_split_canvases("test", limit=1)[0], loaded.preprocess)
+    assert [round(float(v), 5) for v in pixels[0, 0, 0, :4]] == [round(v, 5) for v in
+                                                                 ex["pixel_values"]["first4_per_channel_row0"]["R"]]
+    with torch.no_grad():
+        emb = torch.nn.functional.normalize(loaded.model.encode_image(pixels), dim=-1)[0]
+    assert ex["unpruned"]["dim"] == emb.shape[0]
+    assert np.allclose(ex["unpruned"]["first8"], emb[:8].numpy(), atol=1e-5)
+    assert not np.allclose(ex["pruned"]["first8"], ex["unpruned"]["first8"], atol=1e-5)
+    assert 0 < ex["pruned"]["cosine_to_unpruned"] < 1
     md = example_markdown(ex)
     assert md.startswith(BEGIN) and md.endswith(END) and "PLACEHOLDER" in md
     doc = tmp_path / "CONTRACT.md"

@@ -5,6 +5,7 @@ import json
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 from prtool.build import EncoderSpec, schedule_for
@@ -13,7 +14,15 @@ from prtool.errors import PrtoolError
 from prtool.evaluate import evaluate_zero_shot
 from prtool.export import ExportOptions, export_onnx
 from prtool.prompts import load_tokens
-from prtool.tune import TuneConfig, evaluate_tuned, export_extras, save_tuned, tune_tokens, tuned_encoder
+from prtool.tune import (
+    TuneConfig,
+    evaluate_tuned,
+    export_extras,
+    make_learner,
+    save_tuned,
+    tune_tokens,
+    tuned_encoder,
+)
 from prtool.validate import ort_session
 
 
@@ -62,11 +71,31 @@ def test_n_ctx_zero_is_the_untuned_model(tiny, data):
     assert tuned["top1"] == plain["top1"] and tuned.get("top5") == plain.get("top5")
 
 
+def _train_loss(tiny, data, spec, learner) -> float:
+    """Cross-entropy of the tuned (or untuned) prompts on the few-shot training images."""
+    train = few_shot(data, 2)
+    enc = tuned_encoder(tiny, spec, learner)
+    if learner.visual_tokens() is not None:
+        enc.visual_prompts = learner.visual_tokens().detach()
+    pixels, labels, _ = train.load(range(len(train)), tiny.preprocess)
+    with torch.no_grad():
+        txt = learner.class_embeddings(train.classnames, synonyms=train.class_synonyms)
+        logits = tiny.model.logit_scale.exp() * enc(pixels) @ txt.t()
+        return F.cross_entropy(logits, torch.from_numpy(labels)).item()
+
+
 @pytest.mark.parametrize("mode", ["text", "visual", "both"])
 def test_modes_train(tiny, data, mode):
     spec, learner, metrics = _tune(tiny, data, mode=mode)
-    assert len(metrics["history"]) == 2 and np.isfinite(metrics["history"][-1]["loss"])
+    start = make_learner(tiny, TuneConfig(n_ctx=2, mode=mode))  # the same seeded initialisation
     assert (learner.visual_tokens() is None) == (mode == "text")
+    # what the mode trains has moved, the epoch loss fell, and the prompts fit the training images better
+    assert not torch.equal(learner.ctx, start.ctx)
+    if mode != "text":
+        assert not torch.equal(learner.visual_proj.weight, start.visual_proj.weight)
+    losses = [h["loss"] for h in metrics["history"]]
+    assert len(losses) == 2 and losses[1] < losses[0]
+    assert _train_loss(tiny, data, spec, learner) < _train_loss(tiny, data, spec, start)
 
 
 def test_tuned_export_with_classifier_matches_pytorch(tiny, data, tmp_path):

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from prtool.errors import PrtoolError
-from prtool.validate import Tolerances, ValidationReport, compare_embeddings, compare_kept, first_stage_scores
+from prtool.validate import Tolerances, ValidationReport, add_kept_checks, compare_embeddings, first_stage_scores
 
 PRECISION_TOLERANCES = {
     # onnxruntime CPU/CUDA and TensorRT FP32 (TF32 off): float round-off only.
@@ -68,9 +68,7 @@ def compare_runner(infer, encoder, pixels: torch.Tensor, names: list[str], toler
                 report.add(f"{name} vs PyTorch, {label}", m["within_tolerance"],
                            f"max abs {m['max_abs']:.2e}, mean abs {m['mean_abs']:.2e}, min cos {m['min_cosine']:.6f}")
             else:
-                m = compare_kept(o, t, None if scores is None else scores[sl], tolerances.tie_eps)
-                report.add(f"{name} vs PyTorch, {label}", m["untied_differences"] == 0,
-                           f"set agreement {m['mean_set_agreement']:.4f}, untied differences {m['untied_differences']}")
+                m = add_kept_checks(report, name, label, o, t, None if scores is None else scores[sl], tolerances)
             report.metrics[f"{name} @ {label}"] = m
     worst = 0.0
     rev = run(pixels.flip(0))
@@ -128,7 +126,7 @@ def validate_artifact(path: Path, provider: str = "cpu", precision: str | None =
     ``min_cosine``) replacing its fields. Returns the summary with the report under ``validation``.
     """
     from prtool.deploy.rebuild import rebuild_encoder
-    from prtool.validate import validation_images
+    from prtool.validate import check_graph, validation_images
 
     path = Path(path)
     if batch_size < 2:
@@ -144,6 +142,8 @@ def validate_artifact(path: Path, provider: str = "cpu", precision: str | None =
     tol = replace(PRECISION_TOLERANCES[precision], **(tolerance_overrides or {}))
     pixels, source = validation_images(images, rebuilt.loaded.preprocess, batch_size)
     report = compare_runner(runner.infer, rebuilt.encoder, pixels, rebuilt.output_names, tol, batch_one=lo <= 1)
+    if path.suffix == ".onnx":  # an engine's graph was checked when its ONNX was exported and built
+        check_graph(report, path, rebuilt.encoder.expected_topk_nodes)
     report.images = source
     return {"artifact": str(path), "backend": backend, "precision": precision, "weights": rebuilt.weights,
             "schedule": manifest["schedule"]["string"] or "none", "passed": report.passed,
