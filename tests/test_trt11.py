@@ -4,7 +4,6 @@ dtype, checked return values), onnxruntime's GPU options, the gpu extras' pins, 
 and the mixed-precision ONNX run in onnxruntime CPU against PyTorch."""
 
 import sys
-import tomllib
 import types
 from pathlib import Path
 
@@ -20,6 +19,7 @@ from prtool.deploy import trt_version as tv
 from prtool.deploy.build_config import resolve_build_config
 from prtool.deploy.trt_version import trtexec_command
 from prtool.errors import MissingDependencyError, PrtoolError
+from prtool.recipes import tomllib
 
 ROOT = Path(__file__).parents[1]
 RECIPE = ROOT / "export" / "recipes" / "vit-b-16-4x20-fp16.toml"

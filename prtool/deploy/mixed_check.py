@@ -8,7 +8,12 @@ precision graph; they never loosen the FP32 checks (``prtool.deploy.verify.PRECI
 
 onnxruntime's CPU provider has few fp16 kernels: it runs most fp16 nodes in FP32 between inserted
 casts, so this checks the graph's structure, its fp16 weights and the rounding at every cast, not
-fp16 accumulation inside matrix products (that part needs TensorRT on a GPU).
+fp16 accumulation inside matrix products (that part needs TensorRT on a GPU). ``--runtime
+reference`` runs the graph in ONNX's reference evaluator instead (numpy, every node in its own
+dtype: closer to fp16 arithmetic, ~2 s per image on the testbed, so use ``--limit``).
+
+Sessions on mixed graphs use ``ORT_ENABLE_EXTENDED``: onnxruntime 1.32 CPU's NCHWc layout
+transformer (part of the default ``ORT_ENABLE_ALL``) segfaults on AutoCast's fp16 testbed graph.
 """
 
 from __future__ import annotations
@@ -45,8 +50,24 @@ def _batch_figures(ref: list[np.ndarray], got: list[np.ndarray], class_emb: np.n
     return out
 
 
+class ReferenceRunner:
+    """``infer`` through ``onnx.reference.ReferenceEvaluator`` (nodes computed in their graph dtypes)."""
+
+    def __init__(self, path: Path):
+        import onnx
+        from onnx.reference import ReferenceEvaluator
+
+        model = onnx.load(str(path))
+        self.outputs = [o.name for o in model.graph.output]
+        self.evaluator = ReferenceEvaluator(model)
+
+    def infer(self, pixels) -> dict[str, np.ndarray]:
+        return dict(zip(self.outputs, self.evaluator.run(None, {"pixel_values": np.asarray(pixels, np.float32)})))
+
+
 def measure_mixed(onnx_path: Path, data: str = "testbed", split: str = "test", batch_size: int = 64,
-                  pretrained: str | None = None, predictor: Path | None = None, limit: int | None = None) -> dict:
+                  pretrained: str | None = None, predictor: Path | None = None, limit: int | None = None,
+                  runtime: str = "onnxruntime") -> dict:
     from prtool.datasets import load_dataset
     from prtool.deploy.ort_gpu import OrtRunner
     from prtool.deploy.rebuild import rebuild_encoder
@@ -63,7 +84,12 @@ def measure_mixed(onnx_path: Path, data: str = "testbed", split: str = "test", b
     if limit:
         dataset = dataset.subset(range(min(limit, len(dataset))))
     class_emb = text_classifier(rebuilt.loaded, dataset).numpy().astype(np.float32)
-    runner = OrtRunner(onnx_path, "cpu", "fp32", graph_optimization="ORT_ENABLE_EXTENDED")
+    if runtime == "reference":
+        runner = ReferenceRunner(onnx_path)
+    elif runtime == "onnxruntime":
+        runner = OrtRunner(onnx_path, "cpu", "fp32", graph_optimization="ORT_ENABLE_EXTENDED")
+    else:
+        raise PrtoolError(f"unknown runtime {runtime!r}: use onnxruntime or reference")
     figs: dict[str, list] = {}
     labels = []
     for pixels, y, _rows in dataset.batches(batch_size, rebuilt.loaded.preprocess):
@@ -77,7 +103,8 @@ def measure_mixed(onnx_path: Path, data: str = "testbed", split: str = "test", b
         labels.append(np.asarray(y))
     f = {k: np.concatenate(v) for k, v in figs.items()}
     y = np.concatenate(labels)
-    result = {"onnx": str(onnx_path), "precision": precision, "images": int(len(y)), "data": f"{data}:{split}",
+    result = {"onnx": str(onnx_path), "precision": precision, "runtime": runtime, "images": int(len(y)),
+              "data": f"{data}:{split}",
               "top1_fp32_torch": round(100 * float((f["pred_ref"] == y).mean()), 2),
               "top1_mixed_onnx": round(100 * float((f["pred_got"] == y).mean()), 2),
               "top1_agreement": round(float((f["pred_ref"] == f["pred_got"]).mean()), 4),
@@ -108,10 +135,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--pretrained")
     ap.add_argument("--predictor", type=Path)
     ap.add_argument("--limit", type=int)
+    ap.add_argument("--runtime", default="onnxruntime", choices=("onnxruntime", "reference"))
     args = ap.parse_args(argv)
     try:
         result = measure_mixed(args.onnx, args.data, args.split, args.batch_size, args.pretrained, args.predictor,
-                              args.limit)
+                              args.limit, args.runtime)
     except PrtoolError as exc:
         print(f"prtool: error: {exc}", file=sys.stderr)
         return exc.exit_code

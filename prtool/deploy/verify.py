@@ -117,7 +117,7 @@ def _open_artifact(path: Path, provider: str, precision: str | None):
     mixed = (manifest.get("mixed_precision") or {}).get("type")  # its own types decide: no provider lowering
     precision = precision or mixed or "fp32"
     runner = OrtRunner(path, provider, "fp32" if mixed else precision,
-                       graph_optimization="ORT_ENABLE_EXTENDED" if mixed else None)  # ENABLE_ALL crashed ORT 1.32 CPU
+                       graph_optimization="ORT_ENABLE_EXTENDED" if mixed else None)  # see mixed_check
     return runner, manifest, precision, f"onnxruntime {', '.join(runner.providers)} ({precision})"
 
 
