@@ -362,6 +362,7 @@ def test_tensorrt_provider_imports_tensorrt_before_the_session(monkeypatch, vitb
             return ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
 
     fake_ort = types.SimpleNamespace(
+        __version__="1.26.0",
         get_available_providers=lambda: ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"],
         SessionOptions=lambda: types.SimpleNamespace(add_session_config_entry=lambda *a: None),
         InferenceSession=Session)
@@ -372,6 +373,11 @@ def test_tensorrt_provider_imports_tensorrt_before_the_session(monkeypatch, vitb
     assert made == []
     monkeypatch.setitem(sys.modules, "tensorrt", fake_tensorrt("10.13.0.35"))
     ort_gpu.create_session(vitb16, "tensorrt")
+    assert made == [True]
+    monkeypatch.setitem(sys.modules, "tensorrt", fake_tensorrt("11.4.0.106"))  # 1.26's provider is for TensorRT 10
+    with pytest.raises(PrtoolError, match="onnxruntime 1.26.0's TensorRT provider is built for TensorRT 10, but "
+                                          "TensorRT 11 is installed: pip install 'prtool.gpu.'"):
+        ort_gpu.create_session(vitb16, "tensorrt")
     assert made == [True]
 
 

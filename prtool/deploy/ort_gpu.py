@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from prtool.deploy.trt_version import gpu_install_command
+from prtool.deploy.trt_version import check_ort_tensorrt, gpu_install_command
 from prtool.errors import PrtoolError, require
 
 PROVIDERS = {
@@ -91,6 +91,7 @@ def create_session(path: Path, provider: str = "cpu", precision: str = "fp32", p
         # preloads them); its major decides what fp16 means.
         trt = require("tensorrt", "gpu", "onnxruntime's TensorRT provider (the tensorrt wheel loads its libraries)")
         trt_major = int(str(trt.__version__).split(".")[0])
+        check_ort_tensorrt(ort.__version__, trt_major)
     opts = provider_options(provider, precision, profile, fp32_norm, cache_dir, trt_major)
     if cache_dir is not None:
         Path(cache_dir).mkdir(parents=True, exist_ok=True)
