@@ -150,7 +150,9 @@ def trt_readiness(model) -> dict:
                    "detail": "none needed" if not plugins else
                    f"needs TensorRT plugin(s) {', '.join(names)} ({len(plugins)} ScatterElements with a reduction): "
                    "init_libnvinfer_plugins before parsing or deserialising (prtool and trtexec do)"})
-    return {"ready": all(c["passed"] for c in checks), "plugins": plugins, "checks": checks}
+    ready = all(c["passed"] for c in checks)
+    verdict = ("ready" + (f", with TensorRT plugin {', '.join(names)}" if names else "")) if ready else "NOT ready"
+    return {"ready": ready, "verdict": verdict, "plugins": plugins, "checks": checks}
 
 
 def inspect_onnx(path: Path) -> dict:

@@ -417,5 +417,6 @@ def test_readiness_names_the_scatter_elements_plugin(tiny, tmp_path, vitb16):
     row = next(c for c in ready["checks"] if c["check"] == "registry plugins")
     assert ready["plugins"] and {p["plugin"] for p in ready["plugins"]} == {"ScatterElements"}
     assert "ScatterElements" in row["detail"] and "init_libnvinfer_plugins" in row["detail"]
+    assert ready["verdict"] == "ready, with TensorRT plugin ScatterElements"
     plain = trt_readiness(onnx.load(str(vitb16)))
     assert plain["plugins"] == [] and plain["checks"][-1]["detail"] == "none needed"
