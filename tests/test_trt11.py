@@ -86,6 +86,8 @@ def test_an_already_mixed_graph_builds_by_its_own_types(vitb16, tmp_path):
     onnx.save(model, str(tmp_path / "half.onnx"))
     cfg = resolve_build_config(tmp_path / "half.onnx", trt_version=11)
     assert cfg.precision == "graph" and cfg.mixed_onnx is None and cfg.tolerance_key == "fp16"
+    on10 = resolve_build_config(tmp_path / "half.onnx", trt_version=10)
+    assert tv.network_flags(on10) == ("STRONGLY_TYPED",) and on10.enabled_types == ()
     with pytest.raises(PrtoolError, match="already holds fp16"):
         resolve_build_config(tmp_path / "half.onnx", "fp16", trt_version=11)
 

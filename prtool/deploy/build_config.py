@@ -225,6 +225,7 @@ def resolve_build_config(onnx_path: Path, precision: str | None = None, min_batc
     types = graph_float_types(model)
     major = resolve_major(trt_version, installed_tensorrt())
     precision = _resolve_precision(precision, strongly_typed, types, major)
+    strongly_typed = strongly_typed or precision == "graph"  # the graph's types decide: a typed network on 10 too
     if workspace_mib is not None and workspace_mib <= 0:
         raise PrtoolError(f"--workspace {workspace_mib} must be a positive number of MiB")
     mixed = mixed_onnx_path(onnx_path, precision, engine) if uses_mixed_onnx(precision, major, strongly_typed) else None
