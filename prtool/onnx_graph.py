@@ -113,7 +113,7 @@ def op_histogram(model) -> dict[str, int]:
 def registry_plugins(model) -> list[dict]:
     """TensorRT registry plugins the graph needs: onnx-tensorrt imports ``ScatterElements`` with a
     reduction (ToMe's and every merge's) as the plugin "ScatterElements", which exists only after
-    ``init_libnvinfer_plugins`` (prtool calls it; so does trtexec; other hosts must)."""
+    ``init_libnvinfer_plugins`` (prtool calls it; every other host must)."""
     out = []
     for node in model.graph.node:
         if node.op_type == "ScatterElements" and node.domain in ("", "ai.onnx"):
@@ -149,7 +149,7 @@ def trt_readiness(model) -> dict:
     checks.append({"check": "registry plugins", "passed": True,
                    "detail": "none needed" if not plugins else
                    f"needs TensorRT plugin(s) {', '.join(names)} ({len(plugins)} ScatterElements with a reduction): "
-                   "init_libnvinfer_plugins before parsing or deserialising (prtool and trtexec do)"})
+                   "init_libnvinfer_plugins before parsing or deserialising (prtool does; every other host must)"})
     ready = all(c["passed"] for c in checks)
     verdict = ("ready" + (f", with TensorRT plugin {', '.join(names)}" if names else "")) if ready else "NOT ready"
     return {"ready": ready, "verdict": verdict, "plugins": plugins, "checks": checks}
