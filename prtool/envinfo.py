@@ -33,6 +33,9 @@ def cpu_model() -> str:
 def collect_env() -> dict:
     import torch
 
+    from prtool.deploy.trt_version import installed_tensorrt, resolve_major
+    from prtool.errors import PrtoolError
+
     info = {
         "python": platform.python_version(),
         "platform": platform.platform(),
@@ -46,11 +49,19 @@ def collect_env() -> dict:
         "gpus": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else [],
         "open_clip": _version("open_clip_torch"),
         "onnx": _version("onnx"),
-        "onnxruntime": _version("onnxruntime") or _version("onnxruntime-gpu"),
+        "onnxruntime": _version("onnxruntime-gpu") or _version("onnxruntime"),
+        # both listed: they share one `onnxruntime` package, and the one installed last wins
+        "onnxruntime_distributions": [d for d in ("onnxruntime", "onnxruntime-gpu") if _version(d)],
         "onnxruntime_providers": [],
         "polygraphy": _version("polygraphy"),
-        "tensorrt": _version("tensorrt") or _version("tensorrt-cu12") or _version("tensorrt-cu13"),
+        "tensorrt": installed_tensorrt(),
+        "tensorrt_build_major": None,
+        "nvidia_modelopt": _version("nvidia-modelopt"),
     }
+    try:
+        info["tensorrt_build_major"] = resolve_major(None, info["tensorrt"])
+    except PrtoolError as exc:
+        info["tensorrt_build_major"] = str(exc)
     try:
         import onnxruntime as ort
 

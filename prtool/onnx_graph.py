@@ -110,8 +110,25 @@ def op_histogram(model) -> dict[str, int]:
     return dict(sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
 
 
+def registry_plugins(model) -> list[dict]:
+    """TensorRT registry plugins the graph needs: onnx-tensorrt imports ``ScatterElements`` with a
+    reduction (ToMe's and every merge's) as the plugin "ScatterElements", which exists only after
+    ``init_libnvinfer_plugins`` (prtool calls it; every other host must)."""
+    out = []
+    for node in model.graph.node:
+        if node.op_type == "ScatterElements" and node.domain in ("", "ai.onnx"):
+            reduction = next((a.s.decode() for a in node.attribute if a.name == "reduction"), "none")
+            if reduction != "none":
+                out.append({"node": node.name, "op": node.op_type, "reduction": reduction, "plugin": "ScatterElements"})
+    return out
+
+
 def trt_readiness(model) -> dict:
-    """Checks a TensorRT 10 build would hit, computed from the graph alone (no TensorRT needed)."""
+    """Checks a TensorRT 10/11 build would hit, computed from the graph alone (no TensorRT needed).
+
+    ``ready`` can hold while ``plugins`` is non-empty: such a graph builds only where TensorRT's
+    plugin library is initialised, which the ``registry plugins`` check states.
+    """
     checks = []
     opset = opset_of(model)
     checks.append({"check": "opset in TensorRT 10 range", "passed": TRT_MIN_OPSET <= opset <= TRT_MAX_OPSET,
@@ -127,7 +144,15 @@ def trt_readiness(model) -> dict:
     unsupported = sorted({op for op in op_histogram(model) if op not in TRT10_OPS})
     checks.append({"check": "every op in TensorRT 10's ONNX operator list", "passed": not unsupported,
                    "detail": "all supported" if not unsupported else f"unsupported: {', '.join(unsupported)}"})
-    return {"ready": all(c["passed"] for c in checks), "checks": checks}
+    plugins = registry_plugins(model)
+    names = sorted({p["plugin"] for p in plugins})
+    checks.append({"check": "registry plugins", "passed": True,
+                   "detail": "none needed" if not plugins else
+                   f"needs TensorRT plugin(s) {', '.join(names)} ({len(plugins)} ScatterElements with a reduction): "
+                   "init_libnvinfer_plugins before parsing or deserialising (prtool does; every other host must)"})
+    ready = all(c["passed"] for c in checks)
+    verdict = ("ready" + (f", with TensorRT plugin {', '.join(names)}" if names else "")) if ready else "NOT ready"
+    return {"ready": ready, "verdict": verdict, "plugins": plugins, "checks": checks}
 
 
 def inspect_onnx(path: Path) -> dict:

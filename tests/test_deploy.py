@@ -62,9 +62,9 @@ def vitb16(tmp_path):
 
 
 def test_fp16_config_and_trtexec_command_for_vit_b16(vitb16):
-    cfg = resolve_build_config(vitb16, "fp16", 1, 8, 32, timing_cache=Path("cache.bin"), workspace_mib=2048)
+    cfg = resolve_build_config(vitb16, "fp16", 1, 8, 32, timing_cache=Path("cache.bin"), workspace_mib=2048, trt_version=10)
     assert cfg.profile.shapes() == {"min": (1, 3, 224, 224), "opt": (8, 3, 224, 224), "max": (32, 3, 224, 224)}
-    assert cfg.enabled_types == ("FP16",) and cfg.tf32 and cfg.fp32_norm
+    assert cfg.enabled_types == ("FP16", "OBEY_PRECISION_CONSTRAINTS") and cfg.tf32 and cfg.fp32_norm
     assert cfg.fp32_layer_patterns == ("*/LayerNormalization", "*/attn/Softmax")
     cmd = trtexec_command(cfg, Path("out.plan"))
     assert cmd[:6] == ["trtexec", f"--onnx={vitb16}", "--saveEngine=out.plan", "--minShapes=pixel_values:1x3x224x224",
@@ -81,14 +81,14 @@ def test_fp16_config_and_trtexec_command_for_vit_b16(vitb16):
     ("best", ["--fp16", "--bf16", "--precisionConstraints=obey"], ["--best", "--int8", "--noTF32"]),
 ])
 def test_precisions_map_to_trtexec_flags(vitb16, precision, flags, absent):
-    cmd = trtexec_command(resolve_build_config(vitb16, precision), Path("e.plan"))
+    cmd = trtexec_command(resolve_build_config(vitb16, precision, trt_version=10), Path("e.plan"))
     assert all(f in cmd for f in flags) and not any(a in cmd for a in absent), cmd
 
 
 def test_no_fp32_norm_and_strongly_typed(vitb16):
-    loose = trtexec_command(resolve_build_config(vitb16, "fp16", fp32_norm=False), Path("e.plan"))
+    loose = trtexec_command(resolve_build_config(vitb16, "fp16", fp32_norm=False, trt_version=10), Path("e.plan"))
     assert "--fp16" in loose and not any(a.startswith(("--precisionConstraints", "--layerPrecisions")) for a in loose)
-    cfg = resolve_build_config(vitb16, None, strongly_typed=True)
+    cfg = resolve_build_config(vitb16, None, strongly_typed=True, trt_version=10)
     assert cfg.precision == "graph" and cfg.graph_float_types == ("fp32",) and not cfg.fp32_norm
     assert cfg.tolerance_key == "fp32" and not cfg.tf32
     cmd = trtexec_command(cfg, Path("e.plan"))
@@ -98,7 +98,7 @@ def test_no_fp32_norm_and_strongly_typed(vitb16):
 
 @pytest.mark.parametrize("kwargs, fragment", [
     ({"precision": "int8"}, "unknown precision 'int8'"),
-    ({"precision": "fp16", "strongly_typed": True}, "conflicts with --strongly-typed"),
+    ({"precision": "best", "strongly_typed": True, "trt_version": 10}, "--precision best needs TensorRT 10's weak"),
     ({"min_batch": 4, "opt_batch": 2, "max_batch": 8}, "1 <= --min-batch <= --opt-batch <= --max-batch"),
     ({"min_batch": 0}, "1 <= --min-batch"),
     ({"workspace_mib": 0}, "--workspace 0"),
@@ -144,7 +144,8 @@ def test_layer_patterns_select_exactly_layernorm_and_softmax(tiny, tmp_path, exp
 
 
 def test_dry_run_cli_with_recipe(capsys, vitb16, tmp_path):
-    code, out, err = cli(capsys, "build", vitb16, "--recipe", RECIPES / "vit-b-16-4x20-fp16.toml", "--dry-run", "--json")
+    code, out, err = cli(capsys, "build", vitb16, "--recipe", RECIPES / "vit-b-16-4x20-fp16.toml", "--dry-run", "--json",
+                         "--trt-version", "10")
     assert code == 0, err
     res = json.loads(out)
     assert res["dry_run"] and res["engine"] == "runs/vit-b-16-4x20/model.plan"
@@ -202,7 +203,8 @@ def test_unknown_recipe_keys_are_rejected(capsys, vitb16, tmp_path):
 
 
 @pytest.mark.parametrize("args, fragments", [
-    (["--strongly-typed", "--precision", "fp16"], ["conflicts with --strongly-typed"]),
+    (["--trt-version", "9"], ["--trt-version 9 is not supported"]),
+    (["--trt-version", "11", "--precision", "best"], ["--precision best needs TensorRT 10's weak typing"]),
     (["--min-batch", "9", "--max-batch", "4"], ["--min-batch"]),
     (["-o", "model.onnx"], ["must end in .plan or .engine"]),
 ])

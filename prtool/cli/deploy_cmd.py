@@ -17,12 +17,14 @@ def build(
     ctx: typer.Context,
     onnx: Annotated[Path, typer.Argument(help="The .onnx to build from (its manifest beside it is recorded).")],
     out: Annotated[Path | None, typer.Option("--out", "-o", help="Engine path (.plan); the manifest goes beside it as .plan.json. Default: the ONNX path with .plan.")] = None,
-    precision: Annotated[str | None, typer.Option("--precision", help="fp32, fp16, bf16 or best (fp16+bf16, no int8). Default fp16.")] = None,
+    precision: Annotated[str | None, typer.Option("--precision", help="fp32, fp16, bf16, or best (TensorRT 10 weak typing: fp16+bf16, no int8). Default fp16; on TensorRT 11 (or 10 --strongly-typed) fp16/bf16 build from a mixed-precision ONNX prtool writes.")] = None,
     min_batch: Annotated[int, typer.Option("--min-batch", help="Smallest batch of the optimization profile.")] = 1,
     opt_batch: Annotated[int, typer.Option("--opt-batch", help="Batch TensorRT tunes for.")] = 8,
     max_batch: Annotated[int, typer.Option("--max-batch", help="Largest batch of the optimization profile.")] = 32,
     timing_cache: Annotated[Path | None, typer.Option("--timing-cache", help="Timing cache file, read if present and updated.")] = None,
-    strongly_typed: Annotated[bool, typer.Option("--strongly-typed", help="Strongly typed network: precision comes from the graph's types.")] = False,
+    strongly_typed: Annotated[bool, typer.Option("--strongly-typed", help="TensorRT 10: strongly typed network (always so on 11); fp16/bf16 then come from the mixed-precision ONNX.")] = False,
+    trt_version: Annotated[int | None, typer.Option("--trt-version", help="TensorRT major to build for: 11 or 10 (default: the installed one, else 11).")] = None,
+    mixed_onnx_only: Annotated[bool, typer.Option("--mixed-onnx-only", help="Write the mixed-precision ONNX TensorRT would build (fp16/bf16) and stop; no TensorRT needed.")] = False,
     no_fp32_norm: Annotated[bool, typer.Option("--no-fp32-norm", help="Let LayerNorm/Softmax run in FP16/BF16 too (risks overflow).")] = False,
     workspace: Annotated[int | None, typer.Option("--workspace", help="Workspace memory pool limit in MiB (default: TensorRT's).")] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Resolve and print the configuration and the trtexec command; build nothing (no TensorRT needed).")] = False,
@@ -46,8 +48,11 @@ def build(
         raise PrtoolError(f"engine path {engine} must end in {' or '.join(ENGINE_SUFFIXES)}")
     cfg = resolve_build_config(src, v["precision"], v["min_batch"], v["opt_batch"], v["max_batch"], v["strongly_typed"],
                                not v["no_fp32_norm"], v["workspace"],
-                               Path(v["timing_cache"]) if v["timing_cache"] else None)
+                               Path(v["timing_cache"]) if v["timing_cache"] else None, v["trt_version"], engine)
     cmd = trtexec_command(cfg, engine)
+    if mixed_onnx_only:
+        _write_mixed_only(cfg, as_json, quiet)
+        return
     if dry_run:
         from prtool.onnx_graph import load_onnx, trt_readiness
 
@@ -61,12 +66,14 @@ def build(
         def human(r):
             c = r["config"]
             table(f"engine build for {src} (dry run)", ["setting", "value"], [
-                ("engine", r["engine"]), ("precision", c["precision"]), ("builder flags", ", ".join(c["builder_flags"]) or "-"),
+                ("engine", r["engine"]), ("TensorRT major", c["tensorrt_major"]), ("precision", c["precision"]),
+                ("ONNX TensorRT parses", c["mixed_onnx"] or c["onnx"]),
+                ("builder flags", ", ".join(c["builder_flags"]) or "-"),
                 ("TF32", c["tf32"]), ("strongly typed", c["strongly_typed"]),
                 ("LayerNorm/Softmax in FP32", c["fp32_norm"]), ("profile min", c["profile"]["min"]),
                 ("profile opt", c["profile"]["opt"]), ("profile max", c["profile"]["max"]),
                 ("workspace MiB", c["workspace_mib"]), ("timing cache", c["timing_cache"])])
-            print_checks(r["tensorrt_readiness"]["checks"], "TensorRT 10 readiness (checked without TensorRT)")
+            print_checks(r["tensorrt_readiness"]["checks"], f"TensorRT {c['tensorrt_major']} readiness (checked without TensorRT)")
             for note in c["notes"]:
                 print(f"note: {note}")
             print("equivalent trtexec command:")
@@ -86,6 +93,23 @@ def build(
     emit(result, as_json, lambda r: print(
         f"wrote {r['engine']} and {r['manifest']} (TensorRT {r['tensorrt']}, {r['gpu']['name']}, {r['precision']}, "
         f"batch {r['profile']['min'][0]}..{r['profile']['max'][0]}, {r['build_seconds']} s)"))
+
+
+def _write_mixed_only(cfg, as_json: bool, quiet: bool) -> None:
+    from prtool.deploy.mixed_precision import write_mixed_onnx
+    from prtool.errors import PrtoolError
+
+    if cfg.mixed_onnx is None:
+        raise PrtoolError(f"no mixed-precision ONNX for precision {cfg.precision} on TensorRT {cfg.trt_major}: "
+                          "--mixed-onnx-only needs --precision fp16/bf16 (TensorRT 11, or 10 with --strongly-typed)")
+    record = write_mixed_onnx(cfg.onnx, cfg.mixed_onnx, cfg.precision, cfg.fp32_norm)
+    result = {"mixed_onnx": str(cfg.mixed_onnx), "manifest": str(cfg.mixed_onnx.with_suffix(".json")), **record}
+    if quiet and not as_json:
+        print(cfg.mixed_onnx)
+        return
+    emit(result, as_json, lambda r: print(
+        f"wrote {r['mixed_onnx']} and {r['manifest']} ({r['type']}; {', '.join(r['fp32_op_types'])} and "
+        f"{r['fp32_nodes']} scoring/index nodes in FP32; {r['converter']})"))
 
 
 def validate(

@@ -112,7 +112,7 @@ def inspect(
         table("TopK nodes", ["name", "K", "constant", "sorted"], [(t["name"], t["k"], t["constant_k"], t["sorted"]) for t in i["topk"]])
         table("ops", ["op", "count"], list(i["op_histogram"].items()))
         r = i["tensorrt_readiness"]
-        print_checks(r["checks"], f"TensorRT 10 readiness: {'ready' if r['ready'] else 'NOT ready'} (checked without TensorRT)")
+        print_checks(r["checks"], f"TensorRT 10 readiness: {r['verdict']} (checked without TensorRT)")
         m = i["manifest"]
         if m:
             print(f"manifest: source {m['source']}, schedule {m['schedule']['string'] or 'none'}, scorer {m.get('scorer')}, "

@@ -5,19 +5,19 @@ LayerNormalization/Softmax nodes), checks the user's choices and returns a froze
 :class:`BuildConfig`. The same object drives the Python build (``prtool.deploy.trt``) and
 ``trtexec_command`` (what ``prtool build --dry-run`` prints), so both always agree.
 
-Precision choices (TensorRT 10):
+Precision choices (what each means per TensorRT major: :mod:`prtool.deploy.trt_version`):
 
 - ``fp32``: FP32 only; TF32 is switched off so "fp32" means FP32 (``--noTF32``).
-- ``fp16`` / ``bf16``: the builder may pick that type in addition to FP32 (and TF32).
-- ``best``: FP16 and BF16 together (and TF32). Unlike ``trtexec --best`` it does not enable
-  INT8/FP8: prtool ships no calibration data, and quantized ViTs must be measured, not assumed.
-- ``--strongly-typed``: the graph's own types decide (``precision = "graph"``); layer precisions
-  cannot be set. prtool exports FP32 graphs, so such an engine is FP32 unless the ONNX was
-  converted to mixed precision first (e.g. with TensorRT Model Optimizer's AutoCast).
-
-With FP16/BF16 enabled and weak typing, LayerNormalization (TensorRT's normalization layer at
-opset >= 17) and Softmax run in FP32 with ``OBEY_PRECISION_CONSTRAINTS`` unless ``fp32_norm`` is
-off: FP16 LayerNorm overflows on CLIP ViTs.
+- ``fp16`` / ``bf16``: on TensorRT 11 (and on 10 with ``--strongly-typed``) prtool writes a
+  mixed-precision ONNX beside the engine (LayerNorm, Softmax, the ranking scores and the index path
+  kept in FP32: :mod:`prtool.deploy.mixed_precision`) and TensorRT builds it as typed. On 10
+  without ``--strongly-typed`` the builder may pick that type (weak typing, deprecated in 10.12),
+  with LayerNorm/Softmax pinned to FP32 through ``OBEY_PRECISION_CONSTRAINTS`` unless
+  ``fp32_norm`` is off: FP16 LayerNorm overflows on CLIP ViTs.
+- ``best`` (TensorRT 10, weakly typed only): FP16 and BF16 together (and TF32). Unlike
+  ``trtexec --best`` it does not enable INT8/FP8: quantized ViTs must be measured, not assumed.
+- ``--strongly-typed`` without ``--precision`` (or an ONNX that already holds FP16/BF16): the
+  graph's own types decide (``precision = "graph"``).
 """
 
 from __future__ import annotations
@@ -27,6 +27,18 @@ import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from prtool.deploy.trt_version import (  # noqa: F401 - trtexec_command is re-exported
+    DEFAULT_MAJOR,
+    builder_flags,
+    check_precision,
+    installed_tensorrt,
+    network_flags,
+    pins_layers,
+    resolve_major,
+    trtexec_command,
+    uses_mixed_onnx,
+    weakly_typed,
+)
 from prtool.errors import PrtoolError
 
 PRECISIONS = ("fp32", "fp16", "bf16", "best")
@@ -69,16 +81,23 @@ class BuildConfig:
     precision: str  # fp32 | fp16 | bf16 | best | graph (strongly typed)
     graph_float_types: tuple[str, ...]
     strongly_typed: bool
-    fp32_norm: bool  # effective: LayerNorm/Softmax pinned to FP32 with obeyed precision constraints
+    fp32_norm: bool  # effective: LayerNorm/Softmax kept in FP32 (pinned, or kept so in the mixed ONNX)
     fp32_layer_patterns: tuple[str, ...] | None  # trtexec layer-name patterns; None = cannot be named
     workspace_mib: int | None
     timing_cache: Path | None
+    trt_major: int = DEFAULT_MAJOR
+    mixed_onnx: Path | None = None  # the mixed-precision ONNX prtool writes and TensorRT builds (fp16/bf16 typed)
     notes: tuple[str, ...] = field(default=())
 
     @property
+    def build_onnx(self) -> Path:
+        """The ONNX file TensorRT parses."""
+        return self.mixed_onnx or self.onnx
+
+    @property
     def enabled_types(self) -> tuple[str, ...]:
-        """Builder precision flags to set (``trt.BuilderFlag`` names)."""
-        return {"fp32": (), "fp16": ("FP16",), "bf16": ("BF16",), "best": ("FP16", "BF16"), "graph": ()}[self.precision]
+        """Builder flags to set (``trt.BuilderFlag`` names) for ``trt_major``."""
+        return builder_flags(self)
 
     @property
     def tf32(self) -> bool:
@@ -98,8 +117,10 @@ class BuildConfig:
     def to_dict(self) -> dict:
         return {"onnx": str(self.onnx), "onnx_sha256": self.onnx_sha256, "profile": self.profile.to_dict(),
                 "precision": self.precision, "graph_float_types": list(self.graph_float_types),
-                "strongly_typed": self.strongly_typed, "builder_flags": list(self.enabled_types), "tf32": self.tf32,
-                "fp32_norm": self.fp32_norm, "precision_constraints": "obey" if self.fp32_norm else "none",
+                "strongly_typed": self.strongly_typed or self.trt_major >= 11, "tensorrt_major": self.trt_major,
+                "mixed_onnx": str(self.mixed_onnx) if self.mixed_onnx else None,
+                "builder_flags": list(self.enabled_types), "network_flags": list(network_flags(self)), "tf32": self.tf32,
+                "fp32_norm": self.fp32_norm, "precision_constraints": "obey" if pins_layers(self) else "none",
                 "fp32_layer_patterns": None if self.fp32_layer_patterns is None else list(self.fp32_layer_patterns),
                 "workspace_mib": self.workspace_mib,
                 "timing_cache": str(self.timing_cache) if self.timing_cache else None, "notes": list(self.notes)}
@@ -166,10 +187,35 @@ def _input_profile(model, path: Path, min_batch: int, opt_batch: int, max_batch:
     return Profile(name, tuple(int(d) for d in rest), min_batch, opt_batch, max_batch)
 
 
+def mixed_onnx_path(onnx_path: Path, precision: str, engine: Path | None = None) -> Path:
+    """Where prtool writes the mixed-precision ONNX: beside the engine (``model.fp16.onnx``), else the source."""
+    base = Path(engine) if engine is not None else Path(onnx_path)
+    return base.with_name(f"{base.name.split('.')[0]}.{precision}.onnx")
+
+
+def _resolve_precision(precision: str | None, strongly_typed: bool, types: tuple[str, ...], major: int) -> str:
+    if precision is None:
+        if strongly_typed or set(types) & {"fp16", "bf16"}:
+            return "graph"  # the graph's own types decide
+        precision = DEFAULT_PRECISION
+    if precision not in PRECISIONS:
+        raise PrtoolError(f"unknown precision {precision!r}: use one of {', '.join(PRECISIONS)}")
+    if set(types) & {"fp16", "bf16"}:
+        raise PrtoolError(f"the ONNX already holds {'/'.join(types)} types: build it without --precision (its own types "
+                          "decide), or pass the FP32 export")
+    check_precision(precision, major, strongly_typed)
+    return precision
+
+
 def resolve_build_config(onnx_path: Path, precision: str | None = None, min_batch: int = 1, opt_batch: int = 8,
                          max_batch: int = 32, strongly_typed: bool = False, fp32_norm: bool = True,
-                         workspace_mib: int | None = None, timing_cache: Path | None = None) -> BuildConfig:
-    """Check the user's choices against the ONNX graph; ``precision=None`` means the default (fp16)."""
+                         workspace_mib: int | None = None, timing_cache: Path | None = None,
+                         trt_version: int | None = None, engine: Path | None = None) -> BuildConfig:
+    """Check the user's choices against the ONNX graph and the TensorRT major (``trt_version``, else installed, else 11).
+
+    ``precision=None`` means the default (fp16), or the graph's own types when strongly typed or
+    already mixed. ``engine`` places the mixed-precision ONNX beside it.
+    """
     from prtool.models import sha256_file
     from prtool.onnx_graph import load_onnx, op_histogram, opset_of
 
@@ -177,60 +223,45 @@ def resolve_build_config(onnx_path: Path, precision: str | None = None, min_batc
     model = load_onnx(onnx_path)
     profile = _input_profile(model, onnx_path, min_batch, opt_batch, max_batch)
     types = graph_float_types(model)
-    notes: list[str] = []
-    if strongly_typed:
-        if precision is not None:
-            raise PrtoolError(f"--precision {precision} conflicts with --strongly-typed: a strongly typed network takes "
-                              "its precision from the graph's types; drop one of the two")
-        precision = "graph"
-    else:
-        precision = precision or DEFAULT_PRECISION
-        if precision not in PRECISIONS:
-            raise PrtoolError(f"unknown precision {precision!r}: use one of {', '.join(PRECISIONS)}")
+    major = resolve_major(trt_version, installed_tensorrt())
+    precision = _resolve_precision(precision, strongly_typed, types, major)
+    strongly_typed = strongly_typed or precision == "graph"  # the graph's types decide: a typed network on 10 too
     if workspace_mib is not None and workspace_mib <= 0:
         raise PrtoolError(f"--workspace {workspace_mib} must be a positive number of MiB")
+    mixed = mixed_onnx_path(onnx_path, precision, engine) if uses_mixed_onnx(precision, major, strongly_typed) else None
     reduced = precision in ("fp16", "bf16", "best")
-    pin = fp32_norm and reduced
+    keep = fp32_norm and reduced
+    weak = weakly_typed(_Typing(major, strongly_typed))
+    notes: list[str] = []
     ops = op_histogram(model)
-    if pin and "LayerNormalization" not in ops and "ReduceMean" in ops:
-        notes.append(f"opset {opset_of(model)}: LayerNorm is decomposed into primitive ops, which cannot be pinned "
-                     "to FP32; re-export at opset >= 17")
-    patterns = fp32_layer_patterns(model) if pin else ()
-    if pin and patterns is None:
+    if keep and "LayerNormalization" not in ops and "ReduceMean" in ops:
+        notes.append(f"opset {opset_of(model)}: LayerNorm is decomposed into primitive ops, which cannot be kept "
+                     "in FP32 by type; re-export at opset >= 17")
+    patterns = fp32_layer_patterns(model) if keep and weak else ()
+    if keep and weak and patterns is None:
         notes.append("some LayerNorm/Softmax nodes cannot be named on trtexec's command line: the trtexec command "
                      "leaves them to the builder; `prtool build` pins them by layer type")
     if precision == "best":
         notes.append("best = FP16 + BF16 (+TF32); trtexec --best would also enable INT8/FP8 without calibration")
-    if strongly_typed and types == ("fp32",):
-        notes.append("strongly typed FP32 graph: the engine runs in FP32 (convert the ONNX to mixed precision first "
-                     "for a faster strongly typed engine)")
+    if mixed is not None:
+        notes.append(f"TensorRT {major} builds {precision} from a mixed-precision ONNX: prtool writes {mixed} first "
+                     "(LayerNorm, Softmax, ranking scores and index path in FP32; `--mixed-onnx-only` writes just it)")
+    if precision == "graph" and types == ("fp32",):
+        notes.append("strongly typed FP32 graph: the engine runs in FP32 (pass --precision fp16 for a mixed-precision "
+                     "build)")
     return BuildConfig(onnx=onnx_path, onnx_sha256=sha256_file(onnx_path), profile=profile, precision=precision,
-                       graph_float_types=types, strongly_typed=strongly_typed, fp32_norm=pin,
+                       graph_float_types=types, strongly_typed=strongly_typed, fp32_norm=keep,
                        fp32_layer_patterns=patterns, workspace_mib=workspace_mib,
-                       timing_cache=Path(timing_cache) if timing_cache else None, notes=tuple(notes))
+                       timing_cache=Path(timing_cache) if timing_cache else None, trt_major=major, mixed_onnx=mixed,
+                       notes=tuple(notes))
 
 
-def trtexec_command(cfg: BuildConfig, engine: Path) -> list[str]:
-    """The TensorRT 10 ``trtexec`` arguments that build the same engine as ``prtool build``."""
-    p = cfg.profile
-    cmd = ["trtexec", f"--onnx={cfg.onnx}", f"--saveEngine={engine}",
-           f"--minShapes={p.trtexec_spec(p.min_batch)}", f"--optShapes={p.trtexec_spec(p.opt_batch)}",
-           f"--maxShapes={p.trtexec_spec(p.max_batch)}"]
-    cmd += [f"--{t.lower()}" for t in cfg.enabled_types]
-    if not cfg.tf32:
-        cmd.append("--noTF32")
-    if cfg.strongly_typed:
-        cmd.append("--stronglyTyped")
-    if cfg.fp32_norm:
-        cmd.append("--precisionConstraints=obey")
-        if cfg.fp32_layer_patterns:
-            cmd.append("--layerPrecisions=" + ",".join(f"{n}:fp32" for n in cfg.fp32_layer_patterns))
-    if cfg.timing_cache is not None:
-        cmd.append(f"--timingCacheFile={cfg.timing_cache}")
-    if cfg.workspace_mib is not None:
-        cmd.append(f"--memPoolSize=workspace:{cfg.workspace_mib}")  # a bare number is MiB
-    cmd.append("--skipInference")
-    return cmd
+@dataclass(frozen=True)
+class _Typing:
+    """The two fields :func:`~prtool.deploy.trt_version.weakly_typed` reads, before the config exists."""
+
+    trt_major: int
+    strongly_typed: bool
 
 
 def shell_command(cmd: list[str]) -> str:

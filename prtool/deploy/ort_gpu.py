@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
+from prtool.deploy.trt_version import check_ort_tensorrt, gpu_install_command
 from prtool.errors import PrtoolError, require
 
 PROVIDERS = {
@@ -22,8 +23,10 @@ PROVIDERS = {
 }
 # Precisions each provider can run prtool's FP32 graphs at (bf16 engines: `prtool build`).
 PROVIDER_PRECISIONS = {"cpu": ("fp32",), "cuda": ("fp32",), "tensorrt": ("fp32", "fp16")}
-FALLBACK_HINT = ("install onnxruntime-gpu built for your CUDA and cuDNN (pip uninstall onnxruntime; "
-                 "pip install 'prtool[gpu]'), check `prtool env`, and LD_LIBRARY_PATH for TensorRT's libraries")
+# `onnxruntime` (a base dependency) and `onnxruntime-gpu` install the same `onnxruntime` package: whichever was
+# installed last wins, so the GPU build is reinstalled over it without touching its dependencies.
+FALLBACK_HINT = (f"install onnxruntime-gpu over the CPU build ({gpu_install_command(11)}; TensorRT 10 / CUDA 12: "
+                 f"{gpu_install_command(10)}), then check `prtool env`")
 
 
 def check_providers(provider: str, session) -> list[str]:
@@ -37,10 +40,12 @@ def check_providers(provider: str, session) -> list[str]:
 
 
 def provider_options(provider: str, precision: str = "fp32", profile=None, fp32_norm: bool = True,
-                     cache_dir: Path | None = None) -> list[dict]:
+                     cache_dir: Path | None = None, trt_major: int | None = None) -> list[dict]:
     """Options for each entry of ``PROVIDERS[provider]``, in order.
 
-    For TensorRT: FP16 when asked, LayerNorm kept in FP32 (``trt_layer_norm_fp32_fallback``),
+    For CUDA at fp32: ``use_tf32=0`` (onnxruntime enables TF32 by default, which the fp32 preset does
+    not allow). For TensorRT: FP16 when asked (TensorRT 10 only: 11 has no weak typing, so its fp16
+    comes from the mixed-precision ONNX), LayerNorm kept in FP32 (``trt_layer_norm_fp32_fallback``),
     the batch-only optimization profile (``profile``: a :class:`~prtool.deploy.build_config.Profile`),
     and engine/timing caches under ``cache_dir`` (building an engine takes minutes).
     """
@@ -48,6 +53,11 @@ def provider_options(provider: str, precision: str = "fp32", profile=None, fp32_
         raise PrtoolError(f"the {provider} provider runs prtool's graphs at {'/'.join(PROVIDER_PRECISIONS[provider])}, "
                           f"not {precision}: build a TensorRT engine with `prtool build --precision {precision}`")
     opts: list[dict] = [{} for _ in PROVIDERS[provider]]
+    if "CUDAExecutionProvider" in PROVIDERS[provider] and precision == "fp32":
+        opts[PROVIDERS[provider].index("CUDAExecutionProvider")] = {"use_tf32": "0"}
+    if provider == "tensorrt" and precision == "fp16" and trt_major is not None and trt_major >= 11:
+        raise PrtoolError("TensorRT 11 has no weak typing, so onnxruntime cannot lower this graph to fp16: write the "
+                          "mixed-precision ONNX (`prtool build MODEL.onnx --mixed-onnx-only`) and run that at fp32")
     if provider == "tensorrt":
         trt = {"trt_fp16_enable": precision == "fp16",
                "trt_layer_norm_fp32_fallback": precision == "fp16" and fp32_norm}
@@ -63,8 +73,11 @@ def provider_options(provider: str, precision: str = "fp32", profile=None, fp32_
 
 
 def create_session(path: Path, provider: str = "cpu", precision: str = "fp32", profile=None, fp32_norm: bool = True,
-                   cache_dir: Path | None = None):
-    """An ``InferenceSession`` on ``provider`` (cpu, cuda, tensorrt), checked for a silent fallback."""
+                   cache_dir: Path | None = None, graph_optimization: str | None = None):
+    """An ``InferenceSession`` on ``provider`` (cpu, cuda, tensorrt), checked for a silent fallback.
+
+    ``graph_optimization`` names an ``ort.GraphOptimizationLevel`` (default: onnxruntime's, ENABLE_ALL).
+    """
     ort = require("onnxruntime", "gpu" if provider != "cpu" else None, f"running ONNX on {provider}")
     if provider not in PROVIDERS:
         raise PrtoolError(f"unknown provider {provider!r}: use one of {', '.join(PROVIDERS)}")
@@ -72,12 +85,21 @@ def create_session(path: Path, provider: str = "cpu", precision: str = "fp32", p
     available = ort.get_available_providers()
     if want not in available:
         raise PrtoolError(f"{want} is not in this onnxruntime build (it has {', '.join(available)}): {FALLBACK_HINT}")
-    opts = provider_options(provider, precision, profile, fp32_norm, cache_dir)
+    trt_major = None
+    if provider == "tensorrt":
+        # The TensorRT provider finds pip-installed TensorRT libraries only after `import tensorrt` (the wheel
+        # preloads them); its major decides what fp16 means.
+        trt = require("tensorrt", "gpu", "onnxruntime's TensorRT provider (the tensorrt wheel loads its libraries)")
+        trt_major = int(str(trt.__version__).split(".")[0])
+        check_ort_tensorrt(ort.__version__, trt_major)
+    opts = provider_options(provider, precision, profile, fp32_norm, cache_dir, trt_major)
     if cache_dir is not None:
         Path(cache_dir).mkdir(parents=True, exist_ok=True)
     so = ort.SessionOptions()
     so.log_severity_level = 3
     so.add_session_config_entry("session.intra_op.allow_spinning", "0")  # as prtool.validate.ort_session
+    if graph_optimization is not None:
+        so.graph_optimization_level = getattr(ort.GraphOptimizationLevel, graph_optimization)
     session = ort.InferenceSession(str(path), so, providers=list(zip(PROVIDERS[provider], opts, strict=True)))
     check_providers(provider, session)
     return session
@@ -87,8 +109,8 @@ class OrtRunner:
     """``infer(pixels [B, 3, H, W]) -> {output name: np.ndarray}`` on a checked session."""
 
     def __init__(self, path: Path, provider: str = "cpu", precision: str = "fp32", profile=None,
-                 fp32_norm: bool = True, cache_dir: Path | None = None):
-        self.session = create_session(path, provider, precision, profile, fp32_norm, cache_dir)
+                 fp32_norm: bool = True, cache_dir: Path | None = None, graph_optimization: str | None = None):
+        self.session = create_session(path, provider, precision, profile, fp32_norm, cache_dir, graph_optimization)
         self.providers = list(self.session.get_providers())
         self.input = self.session.get_inputs()[0].name
         self.outputs = [o.name for o in self.session.get_outputs()]

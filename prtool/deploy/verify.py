@@ -112,8 +112,10 @@ def _open_artifact(path: Path, provider: str, precision: str | None):
     manifest = read_manifest_for(path)
     if manifest is None:
         raise PrtoolError(f"{path} has no manifest {path.with_suffix('.json').name}: export it with `prtool export`")
-    precision = precision or "fp32"
-    runner = OrtRunner(path, provider, precision)
+    mixed = (manifest.get("mixed_precision") or {}).get("type")  # its own types decide: no provider lowering
+    precision = precision or mixed or "fp32"
+    runner = OrtRunner(path, provider, "fp32" if mixed else precision,
+                       graph_optimization="ORT_ENABLE_EXTENDED" if mixed else None)  # see mixed_check
     return runner, manifest, precision, f"onnxruntime {', '.join(runner.providers)} ({precision})"
 
 

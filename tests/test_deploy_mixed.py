@@ -1,0 +1,119 @@
+"""The mixed-precision ONNX TensorRT 11 builds fp16 from: what stays FP32 (found from the graph), the
+converted graph's check, and the graph run in onnxruntime CPU against the FP32 PyTorch encoder."""
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from conftest import cli
+from safetensors.torch import save_file
+from test_deploy import one_line_error
+
+from prtool.build import EncoderSpec, schedule_for
+from prtool.deploy.mixed_check import MIXED_TOLERANCES, judge
+from prtool.deploy.mixed_precision import check_mixed_graph, fp32_plan, index_path_nodes, scoring_nodes
+from prtool.export import ExportOptions, export_onnx
+from prtool.models import load_clip
+from prtool.predictor import PredictorConfig, RankingPredictor, save_predictor
+
+
+@pytest.fixture(scope="module")
+def exported(tiny, tmp_path_factory):
+    """A tiny pruned export (predictor, kept indices) from a checkpoint file, as `prtool validate` needs."""
+    work = tmp_path_factory.mktemp("mixed")
+    checkpoint = work / "tiny.safetensors"
+    save_file({k: v.clone().contiguous() for k, v in tiny.model.state_dict().items()}, str(checkpoint))
+    loaded = load_clip("prtool-tiny", str(checkpoint))
+    torch.manual_seed(3)
+    predictor = work / "pred.safetensors"
+    save_predictor(RankingPredictor(PredictorConfig(64, 32)), predictor, {"model_id": loaded.model_id, "rank_block": 1})
+    res = export_onnx(loaded, EncoderSpec(schedule_for(loaded, "1:16,2:16"), "predictor", predictor, "flat"),
+                      work / "m.onnx", ExportOptions(with_kept_indices=True, validate=False))
+    return res.onnx_path, checkpoint
+
+
+def test_plan_keeps_the_scores_and_the_index_path_in_fp32(exported):
+    model = onnx.load(str(exported[0]))
+    scores = scoring_nodes(model)
+    predictor_ops = {n.name for n in model.graph.node if n.name.startswith("/scorer/predictor/") and n.op_type != "Constant"}
+    assert predictor_ops and predictor_ops <= set(scores)
+    inits = {t.name for t in model.graph.initializer}
+    by_name = {n.name: n for n in model.graph.node}
+    others = [by_name[n] for n in scores if not n.startswith("/scorer/")]  # nothing of the encoder itself:
+    assert all(n.op_type == "Identity" and set(n.input) <= inits for n in others)  # only the predictor's weights
+    index = index_path_nodes(model)
+    inferred = onnx.shape_inference.infer_shapes(model)
+    elem = {v.name: v.type.tensor_type.elem_type for v in list(inferred.graph.value_info) + list(inferred.graph.output)}
+    floats = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16}
+    assert index and all(elem.get(t) not in floats for n in index for t in by_name[n].output)  # integer arithmetic
+    data_gathers = [n.name for n in model.graph.node if n.op_type == "Gather" and elem.get(n.output[0]) in floats]
+    assert data_gathers and not set(data_gathers) & set(index)  # the gathers themselves are on the data path
+    plan = fp32_plan(model)
+    assert {"LayerNormalization", "Softmax", "TopK"} <= set(plan["op_types"])
+    assert "LayerNormalization" not in fp32_plan(model, fp32_norm=False)["op_types"]
+
+
+def test_judge_applies_its_own_preset():
+    base = {"top1_fp32_torch": 70.7, "top1_mixed_onnx": 70.7, "top1_agreement": 1.0, "min_cosine": 0.9999,
+            "kept_set_agreement": 0.999}
+    assert judge(base, MIXED_TOLERANCES["fp16"])["passed"]
+    bad = judge({**base, "top1_mixed_onnx": 70.0, "kept_set_agreement": 0.95}, MIXED_TOLERANCES["fp16"])
+    assert [c["check"] for c in bad["checks"] if not c["passed"]] == ["top-1 drop (points)", "kept-index set agreement"]
+
+
+@pytest.fixture(scope="module")
+def mixed(exported):
+    pytest.importorskip("modelopt.onnx.autocast")
+    from prtool.deploy.mixed_precision import write_mixed_onnx
+
+    dst = exported[0].with_name("m.fp16.onnx")
+    record = write_mixed_onnx(exported[0], dst, "fp16")
+    return dst, record
+
+
+def test_mixed_graph_runs_in_onnxruntime_like_fp32(exported, mixed):
+    from prtool.deploy.ort_gpu import create_session
+    from prtool.manifest import read_manifest_for
+
+    dst, record = mixed
+    assert record["type"] == "fp16" and record["converter"].startswith("modelopt.onnx.autocast")
+    assert read_manifest_for(dst)["mixed_precision"]["fp32_nodes"] == record["fp32_nodes"] > 0
+    x = torch.randn(5, 3, 64, 64, generator=torch.Generator().manual_seed(0)).numpy()
+    ref = create_session(exported[0]).run(None, {"pixel_values": x})
+    got = create_session(dst, graph_optimization="ORT_ENABLE_EXTENDED").run(None, {"pixel_values": x})
+    cos = (ref[0] * got[0]).sum(-1) / np.linalg.norm(ref[0], axis=-1) / np.linalg.norm(got[0], axis=-1)
+    assert cos.min() > 0.999 and got[0].dtype == np.float32
+    assert all(set(a) == set(b) for a, b in zip(ref[1], got[1]))
+
+
+def test_check_catches_a_conversion_that_lowers_the_scores(exported):
+    autocast = pytest.importorskip("modelopt.onnx.autocast")
+    model = onnx.load(str(exported[0]))
+    plan = fp32_plan(model)
+    everything = autocast.convert_to_mixed_precision(onnx_path=str(exported[0]), low_precision_type="fp16",
+                                                     keep_io_types=True, providers=["cpu"], data_max=float("inf"))
+    problems = check_mixed_graph(everything, plan, "fp16")
+    assert any(p.startswith("LayerNormalization") for p in problems)
+    assert any("/scorer/predictor/" in p for p in problems), problems
+
+
+def test_validate_uses_the_fp16_preset_for_a_mixed_export(exported, mixed):
+    from prtool.deploy.verify import PRECISION_TOLERANCES, validate_artifact
+
+    res = validate_artifact(mixed[0], pretrained=str(exported[1]))
+    assert res["passed"], res["validation"]["checks"]
+    assert res["precision"] == "fp16" and res["validation"]["tolerances"]["min_cosine"] == PRECISION_TOLERANCES["fp16"].min_cosine
+
+
+def test_cli_writes_the_mixed_onnx_only_where_a_major_builds_from_it(capsys, exported, tmp_path):
+    pytest.importorskip("modelopt.onnx.autocast")
+    out = tmp_path / "e.plan"
+    code, stdout, err = cli(capsys, "build", exported[0], "-o", out, "--trt-version", "11", "--mixed-onnx-only", "--json")
+    assert code == 0, err
+    res = json.loads(stdout)
+    assert res["mixed_onnx"] == str(tmp_path / "e.fp16.onnx") and (tmp_path / "e.fp16.json").exists()
+    assert not out.exists()
+    code, _, err = cli(capsys, "build", exported[0], "-o", out, "--trt-version", "10", "--mixed-onnx-only")
+    one_line_error(code, err, "--mixed-onnx-only needs --precision fp16/bf16")
