@@ -34,3 +34,9 @@ lint: install
 
 clean:
 	rm -rf runs .pytest_cache build *.egg-info prtool.egg-info
+
+# Consumers outside Python (export/cpp, export/web); tests/test_consumers.py builds them itself too.
+.PHONY: consumers
+consumers: install
+	PYTHON=$(abspath $(PY)) bash export/cpp/setup.sh
+	cd export/web && npm ci --no-audit --no-fund
