@@ -1,6 +1,7 @@
 #!/usr/bin/env node
 // Runs a prtool export with onnxruntime-web (WASM, one thread) under Node: the page's engine and
-// preprocessing, headless, for checks. PNG through pngjs, JPEG through jpeg-js.
+// preprocessing, headless, for checks. PNG through pngjs, JPEG through libjpeg-turbo (WASM build,
+// @cwasm/jpeg-turbo: islow DCT and fancy upsampling, as Pillow and the browsers decode).
 //
 //   node embed-node.mjs MODEL.onnx IMAGE... [--batch N] [--out FILE] [--dump-pixels FILE]
 //
@@ -8,7 +9,7 @@
 import { createHash } from "node:crypto";
 import { readFileSync, renameSync, writeFileSync } from "node:fs";
 
-import jpeg from "jpeg-js";
+import jpeg from "@cwasm/jpeg-turbo";
 import * as ort from "onnxruntime-web";
 import pngjs from "pngjs";
 
@@ -37,8 +38,8 @@ function decode(path) {
     return rgbaToRgb(png.width, png.height, png.data);
   }
   if (bytes[0] === 0xff && bytes[1] === 0xd8) {
-    const img = jpeg.decode(bytes, { useTArray: true, formatAsRGBA: false, maxMemoryUsageInMB: 1024 });
-    return { width: img.width, height: img.height, data: img.data };
+    const img = jpeg.decode(bytes);
+    return rgbaToRgb(img.width, img.height, img.data);
   }
   throw new Error(`image ${path} is neither PNG nor JPEG`);
 }

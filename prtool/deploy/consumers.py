@@ -54,7 +54,8 @@ def chromium_path() -> str | None:
     return shutil.which("chromium") or shutil.which("chromium-browser")
 
 
-def _run(cmd: list[str], what: str, timeout: float, cwd: Path | None = None) -> subprocess.CompletedProcess:
+def run_tool(cmd: list[str], what: str, timeout: float, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    """Run a consumer's command; a non-zero exit is a PrtoolError with the tail of its stderr."""
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=cwd,
                           env={**os.environ, "PYTHON": sys.executable})
     if proc.returncode != 0:
@@ -65,18 +66,18 @@ def _run(cmd: list[str], what: str, timeout: float, cwd: Path | None = None) -> 
 
 def build_cpp(timeout: float = 1200) -> Path:
     """Fetch the C++ dependencies and build ``prtool-embed`` (``export/cpp/setup.sh``); its path."""
-    _run(["bash", str(CPP_DIR / "setup.sh")], "export/cpp/setup.sh", timeout)
+    run_tool(["bash", str(CPP_DIR / "setup.sh")], "export/cpp/setup.sh", timeout)
     return CPP_BINARY
 
 
 def install_web_modules(timeout: float = 600) -> None:
-    """``npm ci`` in export/web (the locked onnxruntime-web, pngjs, jpeg-js) unless already there."""
+    """``npm ci`` in export/web (the locked onnxruntime-web, pngjs, @cwasm/jpeg-turbo) unless already there."""
     if not (WEB_DIR / "node_modules" / "onnxruntime-web" / "package.json").exists():
-        _run(["npm", "ci", "--no-audit", "--no-fund"], "npm ci in export/web", timeout, cwd=WEB_DIR)
+        run_tool(["npm", "ci", "--no-audit", "--no-fund"], "npm ci in export/web", timeout, cwd=WEB_DIR)
 
 
 def _read_doc(cmd: list[str], what: str, out: Path, timeout: float) -> dict:
-    _run(cmd + ["--out", str(out)], what, timeout)
+    run_tool(cmd + ["--out", str(out)], what, timeout)
     return json.loads(out.read_text())
 
 
