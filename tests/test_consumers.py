@@ -204,3 +204,24 @@ def test_prtool_embed_refuses_bad_input(cpp_binary, exports, images, tmp_path):
     with pytest.raises(PrtoolError, match="describes another graph"):
         consumers.run_cpp(stale, images[:1])
 
+
+
+def outcome_of_require(missing, name) -> tuple[str, str]:
+    try:
+        require(missing, name)
+    except (pytest.skip.Exception, pytest.fail.Exception) as exc:  # pytest's outcomes are BaseExceptions
+        return type(exc).__name__, str(exc)
+    return "ran", ""
+
+
+def test_a_missing_toolchain_skips_here_and_fails_under_ci(monkeypatch):
+    monkeypatch.setattr(consumers.shutil, "which", lambda name: None)
+    missing = consumers.missing_toolchains()
+    assert "apt-get install -y chromium" in missing["chromium"] and "apt-get install -y nodejs" in missing["node"]
+    monkeypatch.delenv("CI", raising=False)
+    kind, message = outcome_of_require(missing, "chromium")
+    assert kind == "Skipped" and "apt-get install -y chromium" in message
+    monkeypatch.setenv("CI", "true")
+    kind, message = outcome_of_require(missing, "chromium")
+    assert kind == "Failed" and "cannot run under CI" in message
+    assert outcome_of_require({}, "chromium") == ("ran", "")

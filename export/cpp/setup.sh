@@ -68,17 +68,19 @@ pip_download() {  # pip_download SPEC: prints the downloaded wheel's path
   ls -t "$DEPS/wheels/${1%%==*}"-*.whl | head -1
 }
 
-ort_library() {
+ort_library() {  # re-taken when $PYTHON's onnxruntime changes version
   local lib=$DEPS/onnxruntime/lib capi so
-  [ -e "$lib/libonnxruntime.so" ] && return
-  mkdir -p "$lib"
   if capi=$("$PYTHON" -c 'import onnxruntime, os; print(os.path.dirname(onnxruntime.__file__) + "/capi")' 2>/dev/null); then
+    so=$(ls "$capi"/libonnxruntime.so.1.* | head -1)
+    [ -e "$lib/$(basename "$so")" ] && return
     log "ONNX Runtime library from $capi"
   else
+    [ -e "$lib/libonnxruntime.so" ] && return
     capi=$DEPS/onnxruntime/wheel
     extract_wheel "$(pip_download onnxruntime)" "$capi" onnxruntime/capi/
+    so=$(ls "$capi"/libonnxruntime.so.1.* | head -1)
   fi
-  so=$(ls "$capi"/libonnxruntime.so.1.* | head -1)
+  rm -rf "$lib" && mkdir -p "$lib"
   cp "$so" "$lib/"
   ln -sf "$(basename "$so")" "$lib/libonnxruntime.so.1"  # the soname; the wheel has no file of that name
   ln -sf libonnxruntime.so.1 "$lib/libonnxruntime.so"
@@ -114,6 +116,7 @@ openvino_sdk() {
   local wheel
   wheel=$(pip_download "openvino==$OPENVINO_VERSION")
   for part in include cmake libs; do extract_wheel "$wheel" "$dir/$part" "openvino/$part/"; done
+  rm -f "$wheel"  # 59 MB; pip keeps its own cache
   log "OpenVINO SDK from $(basename "$wheel")"
 }
 
