@@ -206,6 +206,19 @@ def test_prtool_embed_refuses_bad_input(cpp_binary, exports, images, tmp_path):
 
 
 
+def test_compat_matrix_runs_the_consumers(tiny, cpp_binary, web_modules):
+    from prtool.build import schedule_for
+    from prtool.deploy import compat
+
+    variants = [v for v in compat.VARIANTS if v.name == "pruned-flat/torchscript"]
+    result = compat.run_compat(tiny, schedule_for(tiny, "1:16,2:16"), variants=variants,
+                               runtimes=("cpp-onnxruntime", "node-ort-web"), command="pytest")
+    cells = result["cells"]["pruned-flat/torchscript"]  # the tiny model's 64 px: the consumers resize the canvases
+    assert cells["cpp-onnxruntime"]["status"] == "pass" and cells["node-ort-web"]["status"] == "pass", cells
+    assert result["runtimes"]["node-ort-web"]["version"] == "1.30.0"
+    assert "## Cannot run the graph" in compat.matrix_markdown(result)
+
+
 def outcome_of_require(missing, name) -> tuple[str, str]:
     try:
         require(missing, name)

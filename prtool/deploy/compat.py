@@ -70,10 +70,11 @@ def _consumer_version(runtime: str) -> str | None:
         if not consumers.CPP_BINARY.exists():
             return None
         proc = subprocess.run([str(consumers.CPP_BINARY), "--version"], capture_output=True, text=True)
-        return json.loads(proc.stdout).get(runtime[4:]) if proc.returncode == 0 else None
+        version = json.loads(proc.stdout).get(runtime[4:]) if proc.returncode == 0 else None
+        return version.split("-")[0] if version else None  # OpenVINO's build number: 2026.4.1-22982-...
     package = consumers.WEB_DIR / "node_modules" / "onnxruntime-web" / "package.json"
     tool = consumers.chromium_path() if runtime.startswith("chromium") else shutil.which("node")
-    return f"web {json.loads(package.read_text())['version']}" if package.exists() and tool else None
+    return json.loads(package.read_text())["version"] if package.exists() and tool else None
 
 
 def runtime_version(runtime: str) -> str | None:
@@ -127,15 +128,14 @@ def run_runtime(runtime: str, onnx_path: Path, pixels: np.ndarray, workdir: Path
 
 
 def run_consumer(runtime: str, onnx_path: Path, images: list[Path]) -> list[np.ndarray]:
-    """A consumer's outputs on image files, in the graph's output order (image_embeds first)."""
+    """A consumer's ``image_embeds`` on image files (what the matrix compares)."""
     from prtool.deploy import consumers
 
     if runtime.startswith("cpp-"):
         doc = consumers.run_cpp(onnx_path, images, runtime[4:])
     else:
         doc = (consumers.run_node if runtime == "node-ort-web" else consumers.run_chromium)(onnx_path, images)
-    names = [k for k in doc["images"][0] if k not in ("path", "size", "top5")]
-    return [np.array([entry[k] for entry in doc["images"]]) for k in sorted(names, key=lambda k: k != "image_embeds")]
+    return [np.array([entry["image_embeds"] for entry in doc["images"]], dtype=np.float32)]
 
 
 def cell_main(argv: list[str]) -> int:
