@@ -192,7 +192,8 @@ def test_the_page_shows_an_image_and_its_top5(toolchains, web_modules, exports, 
 def test_prtool_embed_refuses_bad_input(cpp_binary, exports, images, tmp_path):
     bad = tmp_path / "not-an-image.png"
     bad.write_text("hello")
-    for args, code, words in ((["--batch", "0", str(exports["pruned"]), str(images[0])], 2, "--batch"),
+    for args, code, words in ((["--batch", "0", str(exports["pruned"]), str(images[0])], 2, "--batch must be"),
+                              (["--batch", "x", str(exports["pruned"]), str(images[0])], 2, "needs an integer"),
                               ([str(exports["pruned"]), str(bad)], 1, "neither PNG nor JPEG"),
                               ([str(exports["pruned"]), str(tmp_path / "missing.png")], 1, "cannot open image")):
         with pytest.raises(PrtoolError) as err:

@@ -45,6 +45,7 @@ Rgb8 decode_png(const std::vector<uint8_t>& bytes, const std::string& path) {
   png_set_strip_16(png);          // high byte, as Pillow's RGB;16B raw mode
   png_set_strip_alpha(png);       // convert("RGB") drops alpha without compositing
   png_set_packing(png);           // 1, 2, 4-bit samples to bytes
+  png_set_interlace_handling(png);  // Adam7 images: png_read_image assembles the passes
   if (color == PNG_COLOR_TYPE_PALETTE) png_set_palette_to_rgb(png);
   if (color == PNG_COLOR_TYPE_GRAY || color == PNG_COLOR_TYPE_GRAY_ALPHA) {
     png_set_expand_gray_1_2_4_to_8(png);

@@ -38,6 +38,18 @@ struct UsageError : std::runtime_error {
   using std::runtime_error::runtime_error;
 };
 
+int parse_int(const std::string& option, const std::string& text) {
+  size_t used = 0;
+  int value = 0;
+  try {
+    value = std::stoi(text, &used);
+  } catch (const std::exception&) {
+    used = 0;
+  }
+  if (used == 0 || used != text.size()) throw UsageError(option + " needs an integer, not '" + text + "'");
+  return value;
+}
+
 Args parse_args(int argc, char** argv) {
   Args a;
   std::vector<std::string> positional;
@@ -56,9 +68,9 @@ Args parse_args(int argc, char** argv) {
     } else if (arg == "--backend") {
       a.backend = value();
     } else if (arg == "--batch") {
-      a.batch = std::stoi(value());
+      a.batch = parse_int(arg, value());
     } else if (arg == "--threads") {
-      a.threads = std::stoi(value());
+      a.threads = parse_int(arg, value());
     } else if (arg == "--out") {
       a.out = value();
     } else if (arg == "--dump-pixels") {
