@@ -44,3 +44,9 @@ mutate: install
 	$(VENV)/bin/mutmut run --max-children $${MUTATE_JOBS:-2} || true
 	$(VENV)/bin/mutmut export-cicd-stats
 	$(VENV)/bin/mutmut results
+
+# Consumers outside Python (export/cpp, export/web); tests/test_consumers.py builds them itself too.
+.PHONY: consumers
+consumers: install
+	PYTHON=$(abspath $(PY)) bash export/cpp/setup.sh
+	cd export/web && npm ci --no-audit --no-fund

@@ -16,9 +16,11 @@ so the export and the PyTorch reference share its weights.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -28,9 +30,20 @@ from pathlib import Path
 
 import numpy as np
 
-RUNTIMES = ("onnxruntime-cpu", "onnx-reference", "opencv-dnn", "polygraphy-onnxrt", "tensorrt")
+# Consumers outside Python (prtool.deploy.consumers) read image files, not pixels: their cells run
+# on the same canvases written as PNG, preprocessed by the consumer itself.
+CONSUMERS = ("cpp-onnxruntime", "cpp-openvino", "node-ort-web", "chromium-ort-web")
+RUNTIMES = ("onnxruntime-cpu", "onnx-reference", "opencv-dnn", "polygraphy-onnxrt", "tensorrt") + CONSUMERS
 _MODULES = {"onnxruntime-cpu": "onnxruntime", "onnx-reference": "onnx", "opencv-dnn": "cv2",
-            "polygraphy-onnxrt": "polygraphy", "tensorrt": "tensorrt"}
+            "polygraphy-onnxrt": "polygraphy", "tensorrt": "tensorrt", "cpp-onnxruntime": "export/cpp prtool-embed",
+            "cpp-openvino": "export/cpp prtool-embed", "node-ort-web": "node + export/web modules",
+            "chromium-ort-web": "chromium + export/web modules"}
+# Runtimes that cannot import or convert the graph at all (measured here, 2026-12; shared/DEPLOY.md).
+REFUSALS = (
+    "Debian's OpenCV 4.6 (python3-opencv, bookworm): cannot import the graph (no TopK, no LayerNormalization); "
+    "the opencv-dnn column is PyPI's OpenCV 5",
+    "ncnn / pnnx: cannot convert the graph (TopK, Gather, GatherElements, ScatterElements unsupported)",
+)
 CELL_TIMEOUT_S = 300
 GATHER_OPS = ("TopK", "Gather", "GatherElements", "GatherND")
 
@@ -50,10 +63,26 @@ VARIANTS = tuple(
 )
 
 
+def _consumer_version(runtime: str) -> str | None:
+    from prtool.deploy import consumers
+
+    if runtime.startswith("cpp-"):
+        if not consumers.CPP_BINARY.exists():
+            return None
+        proc = subprocess.run([str(consumers.CPP_BINARY), "--version"], capture_output=True, text=True)
+        version = json.loads(proc.stdout).get(runtime[4:]) if proc.returncode == 0 else None
+        return version.split("-")[0] if version else None  # OpenVINO's build number: 2026.4.1-22982-...
+    package = consumers.WEB_DIR / "node_modules" / "onnxruntime-web" / "package.json"
+    tool = consumers.chromium_path() if runtime.startswith("chromium") else shutil.which("node")
+    return json.loads(package.read_text())["version"] if package.exists() and tool else None
+
+
 def runtime_version(runtime: str) -> str | None:
     """The runtime's package version, or None when it is not installed."""
     import importlib
 
+    if runtime in CONSUMERS:
+        return _consumer_version(runtime)
     try:
         mod = importlib.import_module(_MODULES[runtime])
     except Exception:  # missing, or present but broken (CUDA libraries): either way not runnable
@@ -64,6 +93,8 @@ def runtime_version(runtime: str) -> str | None:
 def run_runtime(runtime: str, onnx_path: Path, pixels: np.ndarray, workdir: Path) -> list[np.ndarray]:
     """The graph's outputs for ``pixels`` ``[B, 3, H, W]`` float32 on ``runtime`` (in this process)."""
     feed = {"pixel_values": pixels}
+    if runtime in CONSUMERS:
+        return run_consumer(runtime, onnx_path, sorted(workdir.glob("canvas_*.png")))
     if runtime == "onnxruntime-cpu":
         import onnxruntime as ort
 
@@ -94,6 +125,17 @@ def run_runtime(runtime: str, onnx_path: Path, pixels: np.ndarray, workdir: Path
         build_engine(resolve_build_config(onnx_path, "fp32", 1, b, b), plan)
         return list(TensorRTRunner(plan).infer(pixels).values())
     raise ValueError(f"unknown runtime {runtime!r}")
+
+
+def run_consumer(runtime: str, onnx_path: Path, images: list[Path]) -> list[np.ndarray]:
+    """A consumer's ``image_embeds`` on image files (what the matrix compares)."""
+    from prtool.deploy import consumers
+
+    if runtime.startswith("cpp-"):
+        doc = consumers.run_cpp(onnx_path, images, runtime[4:])
+    else:
+        doc = (consumers.run_node if runtime == "node-ort-web" else consumers.run_chromium)(onnx_path, images)
+    return [np.array([entry["image_embeds"] for entry in doc["images"]], dtype=np.float32)]
 
 
 def cell_main(argv: list[str]) -> int:
@@ -165,15 +207,18 @@ def run_compat(loaded, schedule, variants=VARIANTS, runtimes=RUNTIMES, batch: in
     ``command`` is the command line that regenerates the result (recorded in it).
     """
     import torch
+    from PIL import Image
 
     from prtool.manifest import package_versions
     from prtool.predictor import PredictorConfig, RankingPredictor, save_predictor
     from prtool.seed import seed_everything
+    from prtool.testbed.eval_set import load_eval_canvases
     from prtool.validate import Tolerances, validation_images
 
     versions = {r: runtime_version(r) for r in runtimes}
     pixels, images = validation_images(None, loaded.preprocess, batch)
     pixels = pixels.float().numpy()
+    canvases = load_eval_canvases(limit=batch)[0] if set(runtimes) & set(CONSUMERS) else []
     rows, cells = [], {}
     with tempfile.TemporaryDirectory(prefix="prtool-compat-") as tmp:
         work = Path(tmp)
@@ -183,6 +228,8 @@ def run_compat(loaded, schedule, variants=VARIANTS, runtimes=RUNTIMES, batch: in
         save_predictor(RankingPredictor(PredictorConfig(v.grid_size[0] * v.grid_size[1], v.class_embedding.shape[0])),
                        predictor, {"model_id": loaded.model_id, "rank_block": schedule.first_block})
         np.save(work / "pixels.npy", pixels)
+        for i, canvas in enumerate(canvases):  # the same images, for the consumers that decode files
+            Image.fromarray(canvas).save(work / f"canvas_{i:03d}.png")
         for variant in variants:
             row = {**asdict(variant)}
             cells[variant.name] = {}
@@ -198,7 +245,8 @@ def run_compat(loaded, schedule, variants=VARIANTS, runtimes=RUNTIMES, batch: in
                 reference = encoder(torch.from_numpy(pixels)).numpy()
             for runtime in runtimes:
                 if versions[runtime] is None:
-                    cells[variant.name][runtime] = {"status": "not run", "detail": f"{_MODULES[runtime]} is not installed here"}
+                    cells[variant.name][runtime] = {"status": "not run", "detail": f"{_MODULES[runtime]} is not installed here"
+                                                    + (" (export/cpp/setup.sh, npm ci in export/web)" if runtime in CONSUMERS else "")}
                     continue
                 if runtime == "tensorrt" and not torch.cuda.is_available():
                     cells[variant.name][runtime] = {"status": "not run", "detail": "no CUDA GPU here"}
@@ -253,6 +301,12 @@ def matrix_markdown(result: dict) -> str:
                       if c["status"] == "not run"})
     if skipped:
         lines += ["## Not run", ""] + [f"- {r}: {d}" for r, d in skipped] + [""]
+    lines += ["## Consumers outside Python", "",
+              "`cpp-onnxruntime` and `cpp-openvino` are export/cpp's `prtool-embed` (ONNX Runtime C++ API; OpenVINO "
+              "with FP32 forced); `node-ort-web` and `chromium-ort-web` are export/web's onnxruntime-web (WASM, one "
+              "thread) under Node and in headless Chromium. They read the canvases as PNG files and preprocess them "
+              "themselves (tests/test_consumers.py checks them on more images and exports).", "",
+              "## Cannot run the graph", ""] + [f"- {r}" for r in REFUSALS] + [""]
     return "\n".join(lines)
 
 
