@@ -88,7 +88,8 @@ def plan(work: Path, smoke: bool) -> list[dict]:
         steps.append({"name": "speed_4x20_fp16_cudagraphs", "timeout": 70,
                       "result": "speed_4x20_fp16_cudagraphs/speed.json",
                       "argv": prtool + ["bench", "speed", *speed_model, "-s", SCHEDULE_4X20, "--backends", "torch",
-                                        "--device", dev, "--precision", "fp16", "--cuda-graphs", "--variants", variants,
+                                        "--device", dev, "--precision", "fp16", "--cuda-graphs",
+                                        "--variants", "baseline,patch-ranking,static",  # TopK + gather: capturable
                                         "--batch-sizes", "1,32", "--warmup", "5", "--iters", "30",
                                         "-o", str(work / "speed_4x20_fp16_cudagraphs"), "-q"]})
     order = ["env", "speed_4x20_fp16", "accuracy", "speed_4x20_bf16", "speed_keep60_fp16", "rank_cuda", "rank_cpu", "compare_rankings",

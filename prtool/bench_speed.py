@@ -125,7 +125,7 @@ def bench_speed(loaded, schedule_text: str | None, keep_ratio: float | None, sta
         costs[name] = encoder_cost(encoders[name])
     workdir = Path(workdir or tempfile.mkdtemp(prefix="prtool-bench-"))
     results = []
-    for backend in backends:
+    for backend in sorted(backends, key=lambda b: b == "torch"):  # torch last: it moves the shared tower to its device
         paths = {}
         if backend != "torch":
             for name, spec in specs.items():
