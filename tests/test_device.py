@@ -111,6 +111,7 @@ def test_precision_drift_rows(tiny_testbed_like, few_testbed):
     by = {(r["encoder"], r["precision"]): r for r in res["rows"]}
     assert list(by) == [("none", "fp32"), ("none", "bf16"), ("tome", "fp32"), ("tome", "bf16")] and res["images"] == 12
     assert by["none", "fp32"]["mean_cosine_to_fp32"] == pytest.approx(1.0, abs=1e-6)
+    assert by["tome", "fp32"]["min_cosine_to_fp32"] == pytest.approx(1.0, abs=1e-6)  # each compared with its own fp32
     assert by["none", "fp32"]["top1_agreement_with_fp32"] == 100.0
     bf16 = by["tome", "bf16"]
     assert 0.99 < bf16["mean_cosine_to_fp32"] < 1 - 1e-7 and bf16["min_cosine_to_fp32"] <= bf16["mean_cosine_to_fp32"]
