@@ -50,3 +50,21 @@ mutate: install
 consumers: install
 	PYTHON=$(abspath $(PY)) bash export/cpp/setup.sh
 	cd export/web && npm ci --no-audit --no-fund
+
+# --- GPU machine check (benchmarks/device_check.sh): the wheels that machine lacks, the plan, the CPU smoke ---
+DEVICE_PLATFORMS := --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 \
+	--platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 --platform manylinux1_x86_64
+
+.PHONY: device-wheels device-check-dry device-check-smoke
+
+device-wheels:
+	rm -rf .whl && mkdir -p .whl
+	$(PYTHON) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+		$(DEVICE_PLATFORMS) -d .whl -r benchmarks/device_wheels.txt
+	du -ch .whl/*.whl
+
+device-check-dry: install
+	$(PY) benchmarks/device_check.py --dry-run
+
+device-check-smoke: install
+	$(PY) benchmarks/device_check.py runs/device-check-smoke --smoke

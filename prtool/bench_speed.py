@@ -17,10 +17,11 @@ import numpy as np
 import torch
 
 from prtool.build import EncoderSpec, build_pruned_encoder, schedule_for
+from prtool.device import autocast, check_precision, device_report, resolve_device
 from prtool.errors import PrtoolError
 from prtool.export import ExportOptions, export_onnx
 from prtool.flops import encoder_cost
-from prtool.timing import interleaved_latency
+from prtool.timing import cuda_event_clock, interleaved_latency, wall_clock
 
 log = logging.getLogger(__name__)
 
@@ -29,18 +30,14 @@ BACKENDS = ("torch", "onnxruntime", "onnxruntime-cuda", "tensorrt")
 _SCORER = {"patch-ranking": "predictor", "static": "static", "cls-attn": "cls-attn", "evit": "evit", "tome": "tome"}
 
 
-def _runner(backend: str, encoder, onnx_path: Path | None, device: str, batch_sizes: list[int] | None = None,
-            precision: str = "fp16"):
-    """A callable running one variant on ``backend``; each call returns when the outputs are on the host
-    (GPU backends synchronise: ONNX Runtime's ``run`` and :class:`TensorRTRunner` copy outputs back)."""
+def _runner(backend: str, encoder, onnx_path: Path | None, device: torch.device, batch_sizes: list[int] | None = None,
+            precision: str | None = None, cuda_graphs: bool = False):
+    """A callable running one variant on ``backend``. The torch backend runs on ``device`` under
+    ``precision`` autocast (fp32 by default) and returns without waiting for the GPU (its clock is
+    :func:`cuda_event_clock`); the other backends return when the outputs are on the host (ONNX
+    Runtime's ``run`` and :class:`TensorRTRunner` copy outputs back)."""
     if backend == "torch":
-        enc = encoder.to(device)
-
-        def run(x):
-            with torch.no_grad():
-                return enc(x)
-
-        return run
+        return _torch_runner(encoder.to(device), device, precision or "fp32", cuda_graphs)
     if backend == "onnxruntime":
         from prtool.validate import ort_session
 
@@ -55,6 +52,7 @@ def _runner(backend: str, encoder, onnx_path: Path | None, device: str, batch_si
         from prtool.deploy.trt import TensorRTRunner, build_engine
 
         sizes = batch_sizes or [1]
+        precision = precision or "fp16"
         cfg = resolve_build_config(onnx_path, precision, min_batch=min(sizes), opt_batch=max(sizes), max_batch=max(sizes))
         plan = Path(onnx_path).with_suffix(f".{precision}.plan")
         build_engine(cfg, plan)
@@ -62,16 +60,61 @@ def _runner(backend: str, encoder, onnx_path: Path | None, device: str, batch_si
     raise PrtoolError(f"unknown backend {backend!r}: use one of {', '.join(BACKENDS)}")
 
 
+def _torch_runner(enc, device: torch.device, precision: str, cuda_graphs: bool):
+    """``run(x)`` under inference mode and autocast; with ``cuda_graphs`` each input shape is captured
+    once into a CUDA graph (on its first call, i.e. during warm-up) and replayed after that."""
+    if not cuda_graphs:
+        def run(x):
+            with torch.inference_mode(), autocast(device, precision):
+                return enc(x)
+
+        return run
+    if device.type != "cuda":
+        raise PrtoolError("--cuda-graphs needs --device cuda")
+    graphs: dict[tuple, tuple] = {}
+
+    def replay(x):
+        if tuple(x.shape) not in graphs:
+            graphs[tuple(x.shape)] = _capture(enc, x, device, precision)
+        static_x, graph, out = graphs[tuple(x.shape)]
+        static_x.copy_(x)
+        graph.replay()
+        return out
+
+    return replay
+
+
+def _capture(enc, x, device: torch.device, precision: str) -> tuple:
+    """``(static input, CUDA graph, static output)`` of ``enc`` at ``x``'s shape (warmed up on a side
+    stream first, as CUDA graph capture requires; autocast's weight cache off inside the capture)."""
+    static_x = x.clone()
+    stream = torch.cuda.Stream(device)
+    stream.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(stream), torch.inference_mode(), autocast(device, precision, cache_enabled=False):
+        for _ in range(3):
+            enc(static_x)
+    torch.cuda.current_stream(device).wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph), torch.inference_mode(), autocast(device, precision, cache_enabled=False):
+        out = enc(static_x)
+    return static_x, graph, out
+
+
 def bench_speed(loaded, schedule_text: str | None, keep_ratio: float | None, stages: int, first_block: int | None,
                 variants: list[str], backends: list[str], batch_sizes: list[int], predictor: Path | None = None,
-                warmup: int = 3, iters: int = 20, workdir: Path | None = None) -> dict:
+                warmup: int = 3, iters: int = 20, workdir: Path | None = None, device: str = "auto",
+                precision: str | None = None, cuda_graphs: bool = False) -> dict:
+    """Time every variant on every backend, interleaved. ``device`` and ``precision`` (fp32, fp16 or
+    bf16 autocast; default fp32) apply to the torch backend; TensorRT builds in ``precision`` (default fp16)."""
     unknown = [v for v in variants if v not in VARIANTS] + [b for b in backends if b not in BACKENDS]
     if unknown:
         raise PrtoolError(f"unknown variants/backends {unknown}: variants {VARIANTS}, backends {BACKENDS}")
     sched = schedule_for(loaded, schedule_text, keep_ratio, stages, first_block)
     if sched.is_empty:
         raise PrtoolError("bench speed needs a pruning schedule (--schedule or --keep-ratio)")
-    device = "cuda" if torch.cuda.is_available() else "cpu"  # the torch backend's device
+    dev = resolve_device(device)  # the torch backend's device
+    if precision is not None:
+        check_precision(precision)
     specs = {"baseline": EncoderSpec(schedule_for(loaded, "none"))}
     for v in variants:
         if v != "baseline":
@@ -82,24 +125,27 @@ def bench_speed(loaded, schedule_text: str | None, keep_ratio: float | None, sta
         costs[name] = encoder_cost(encoders[name])
     workdir = Path(workdir or tempfile.mkdtemp(prefix="prtool-bench-"))
     results = []
-    for backend in backends:
+    for backend in sorted(backends, key=lambda b: b == "torch"):  # torch last: it moves the shared tower to its device
         paths = {}
         if backend != "torch":
             for name, spec in specs.items():
                 paths[name] = export_onnx(loaded, spec, workdir / f"{name}.onnx", ExportOptions(validate=False)).onnx_path
-        runners = {name: _runner(backend, encoders[name], paths.get(name), device, batch_sizes) for name in specs}
+        runners = {name: _runner(backend, encoders[name], paths.get(name), dev, batch_sizes, precision, cuda_graphs)
+                   for name in specs}
+        torch_cuda = backend == "torch" and dev.type == "cuda"
+        clock = cuda_event_clock(dev) if torch_cuda else wall_clock
         h, w = loaded.preprocess["image_size"]
         for bs in batch_sizes:
             x = torch.randn(bs, 3, h, w, generator=torch.Generator().manual_seed(bs))
-            feed = x.to(device) if backend == "torch" else x.numpy().astype(np.float32)
-            sync = torch.cuda.synchronize if device == "cuda" else None
-            lat = interleaved_latency({n: (lambda r=r, f=feed: r(f)) for n, r in runners.items()}, warmup, iters, sync)
+            feed = x.to(dev) if backend == "torch" else x.numpy().astype(np.float32)
+            lat = interleaved_latency({n: (lambda r=r, f=feed: r(f)) for n, r in runners.items()}, warmup, iters, clock)
             base = lat["baseline"]["p50_ms"]
             for name, m in lat.items():
                 ideal = costs["baseline"]["gmacs"] / costs[name]["gmacs"]
                 speed = base / m["p50_ms"]
-                results.append({"backend": backend, "device": _device_of(backend, device), "batch": bs,
-                                "variant": name, **m, "images_per_s": bs / (m["p50_ms"] / 1000),
+                results.append({"backend": backend, "device": _device_of(backend, dev.type), "batch": bs,
+                                "precision": _precision_of(backend, precision), "variant": name, **m,
+                                "images_per_s": bs / (m["p50_ms"] / 1000),
                                 "speedup": speed, "ideal_speedup": ideal, "measured_over_ideal": speed / ideal,
                                 "gmacs": costs[name]["gmacs"]})
             if "patch-ranking" in lat and "static" in lat:
@@ -107,7 +153,14 @@ def bench_speed(loaded, schedule_text: str | None, keep_ratio: float | None, sta
                 results.append({"backend": backend, "batch": bs, "variant": "machinery-share",
                                 "machinery_share_of_pruned_latency": share})
     return {"model": loaded.model_id, "schedule": sched.to_dict(), "threads": torch.get_num_threads(),
-            "warmup": warmup, "iters": iters, "results": results}
+            "warmup": warmup, "iters": iters, "torch_device": device_report(dev),
+            "torch_precision": precision or "fp32", "cuda_graphs": cuda_graphs, "results": results}
+
+
+def _precision_of(backend: str, precision: str | None) -> str:
+    if backend == "torch":
+        return precision or "fp32"
+    return (precision or "fp16") if backend == "tensorrt" else "fp32"
 
 
 def _device_of(backend: str, torch_device: str) -> str:
@@ -116,10 +169,17 @@ def _device_of(backend: str, torch_device: str) -> str:
     return "cuda" if backend in ("onnxruntime-cuda", "tensorrt") else "cpu"
 
 
+def _torch_where(result: dict) -> str:
+    dev = result.get("torch_device", {})
+    where = dev.get("gpu") or dev.get("device", "cpu")
+    return f"{where} in {result.get('torch_precision', 'fp32')}" + (" with CUDA graphs" if result.get("cuda_graphs") else "")
+
+
 def markdown_table(result: dict) -> str:
     head = ["backend", "batch", "variant", "p50 ms", "p90 ms", "p99 ms", "img/s", "speedup", "ideal", "measured/ideal"]
     lines = [f"Schedule `{result['schedule']['string']}` on {result['model']['model']} ({result['model']['pretrained']}), "
-             f"{result['threads']} threads, {result['iters']} interleaved iterations after {result['warmup']} warm-up.",
+             f"{result['threads']} threads, {result['iters']} interleaved iterations after {result['warmup']} warm-up; "
+             f"torch backend on {_torch_where(result)}.",
              "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     shares = []
     for r in result["results"]:

@@ -54,11 +54,13 @@ def match_at_k(scores: torch.Tensor, golden_rankings: torch.Tensor, k: int) -> f
 @torch.no_grad()
 def rank_block_tokens(encoder, dataset, rows: list[int], preprocess: dict, block: int,
                       batch_size: int = 64) -> torch.Tensor:
-    """Patch tokens entering ``block`` for dataset rows: ``[M, N, D]`` (CLS and prompt tokens dropped)."""
+    """Patch tokens entering ``block`` for dataset rows: ``[M, N, D]`` (CLS and prompt tokens dropped), on
+    the encoder's device."""
     out = []
+    device = next(encoder.parameters()).device
     for i in range(0, len(rows), batch_size):
         pixels, _, _ = dataset.load(rows[i : i + batch_size], preprocess)
-        out.append(encoder.tokens_before(pixels, block)[:, encoder.num_prefix :].float())
+        out.append(encoder.tokens_before(pixels.to(device), block)[:, encoder.num_prefix :].float())
     return torch.cat(out)
 
 
@@ -69,16 +71,20 @@ def split_rows(n: int, val_fraction: float, seed: int) -> tuple[np.ndarray, np.n
 
 
 def train_predictor(tokens: torch.Tensor, store: RankingStore, cfg: PredictorTrainConfig, k_final: int,
-                    quiet: bool = False) -> tuple[RankingPredictor, dict]:
-    """Train on ``tokens`` ``[M, N, D]`` aligned with the store's rows; returns the predictor and metrics."""
+                    quiet: bool = False, device: torch.device | str = "cpu") -> tuple[RankingPredictor, dict]:
+    """Train on ``tokens`` ``[M, N, D]`` aligned with the store's rows, on ``device``; returns the predictor
+    (on the CPU) and metrics."""
     dist = init_distributed()
+    device = torch.device(device)
     m, n, d = tokens.shape
+    tokens = tokens.to(device)
     torch.manual_seed(cfg.seed)
-    predictor = RankingPredictor(PredictorConfig(n, d))
+    predictor = RankingPredictor(PredictorConfig(n, d)).to(device)
     model = predictor
     if dist.initialized:
-        model = torch.nn.parallel.DistributedDataParallel(predictor)
-    imp = torch.from_numpy(store.importance).float()
+        ids = [device] if device.type == "cuda" else None
+        model = torch.nn.parallel.DistributedDataParallel(predictor, device_ids=ids)
+    imp = torch.from_numpy(store.importance).float().to(device)
     gold = torch.from_numpy(store.rankings)
     train_rows, val_rows = split_rows(m, cfg.val_fraction, cfg.seed)
     opt = torch.optim.AdamW(predictor.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -117,7 +123,7 @@ def train_predictor(tokens: torch.Tensor, store: RankingStore, cfg: PredictorTra
     if best is not None:
         predictor.load_state_dict(best[2])
         final = history[best[1] - 1]
-    return predictor.eval(), {"train_config": asdict(cfg), "train_images": int(len(train_rows)),
+    return predictor.cpu().eval(), {"train_config": asdict(cfg), "train_images": int(len(train_rows)),
                               "val_images": int(len(val_rows)), "best_epoch": final.get("epoch"),
                               "val_metrics": final, "history": history}
 
@@ -129,8 +135,9 @@ def evaluate_predictor(predictor, tokens, imp, gold, rows, ks, tau) -> dict:
     predictor.eval()
     r = torch.from_numpy(np.asarray(rows))
     scores = predictor(tokens[r])
-    out = {f"match@{k}": match_at_k(scores, gold[r], k) for k in ks}
+    out = {f"match@{k}": match_at_k(scores.cpu(), gold[r], k) for k in ks}
     out["val_loss"] = float(listnet_loss(scores, imp[r], tau))
+    scores, imp = scores.cpu(), imp.cpu()
     from prtool.stats import spearman
 
     out["spearman"] = float(np.mean([spearman(s.numpy(), i.numpy()) for s, i in zip(scores, imp[r])]))

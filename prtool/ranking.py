@@ -68,7 +68,8 @@ class GoldenRanker:
         self.grid = _grid(encoder)
         self.n = encoder.num_patches
         self.windows = windows(self.grid, cfg.block_size, cfg.stride)
-        self.class_emb = class_emb
+        self.device = next(encoder.parameters()).device
+        self.class_emb = None if class_emb is None else class_emb.to(self.device)
         self.logit_scale = logit_scale
         self.variant_batch = cfg.batch_size if batched else 1
         drop = cfg.drop_per_iter or self.n // (2 * cfg.iters)
@@ -122,11 +123,11 @@ class GoldenRanker:
                     m = alive_mask.copy()
                     m[v] = False
                     keep.append(np.flatnonzero(m))
-                idx = torch.from_numpy(np.stack(keep)) + p
+                idx = torch.from_numpy(np.stack(keep)).to(x.device) + p
                 seq = torch.cat([x[:, :p].expand(len(chunk), -1, -1),
                                  torch.gather(x.expand(len(chunk), -1, -1), 1,
                                               idx.unsqueeze(-1).expand(-1, -1, x.shape[-1]))], dim=1)
-                scores = self._score(self._tail(seq), full, label).double().numpy()
+                scores = self._score(self._tail(seq), full, label).double().cpu().numpy()
                 for v, s in zip(chunk, scores):
                     total[v] += s
                     count[v] += 1
@@ -140,7 +141,7 @@ class GoldenRanker:
         ``importance`` is minus the dispensability (higher = more important); patches no window
         removed get the maximum importance (they were never shown to be dispensable).
         """
-        x = self.encoder.tokens_before(pixels, self.cfg.rank_block)
+        x = self.encoder.tokens_before(pixels.to(self.device), self.cfg.rank_block)
         full = self._tail(x)[0]
         alive = np.arange(self.n)
         dropped: list[np.ndarray] = []

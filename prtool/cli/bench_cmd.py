@@ -81,6 +81,9 @@ def speed(
     batch_sizes: Annotated[str, typer.Option("--batch-sizes", help="Comma-separated batch sizes.")] = "1,8,32",
     warmup: Annotated[int, typer.Option("--warmup")] = 3,
     iters: Annotated[int, typer.Option("--iters", help="Timed interleaved iterations (>= 20 recommended).")] = 20,
+    device: o.Device = "auto",
+    precision: Annotated[str | None, typer.Option("--precision", help="fp32, fp16 or bf16: the torch backend's autocast (default fp32) and TensorRT's build (default fp16).")] = None,
+    cuda_graphs: Annotated[bool, typer.Option("--cuda-graphs", help="Torch backend on CUDA: replay each variant as a captured CUDA graph.")] = False,
     as_json: o.Json = False,
     quiet: o.Quiet = False,
     verbose: o.Verbose = False,
@@ -97,7 +100,8 @@ def speed(
     result = bench_speed(loaded, schedule, keep_ratio, stages, first_block,
                          [v.strip() for v in variants.split(",") if v.strip()],
                          [b.strip() for b in backends.split(",") if b.strip()],
-                         [int(b) for b in batch_sizes.split(",")], predictor, warmup, iters, workdir=out)
+                         [int(b) for b in batch_sizes.split(",")], predictor, warmup, iters, workdir=out,
+                         device=device, precision=precision, cuda_graphs=cuda_graphs)
     result["environment"] = collect_env()
     write_json_atomic(out / "speed.json", result)
     (out / "speed.md").write_text(markdown_table(result))

@@ -33,6 +33,7 @@ def rank(
     seed: o.Seed = 0,
     skip_bad: Annotated[bool, typer.Option("--skip-bad", help="Leave out unreadable images (listed in index.json) instead of failing; resumes a store made without it.")] = False,
     one_variant_at_a_time: Annotated[bool, typer.Option("--unbatched", help="Run variants one by one (benchmark reference).")] = False,
+    device: o.Device = "auto",
     as_json: o.Json = False,
     quiet: o.Quiet = False,
     verbose: o.Verbose = False,
@@ -53,7 +54,7 @@ def rank(
     cfg = RankConfig(rank_block if rank_block is not None else default_rank_block(loaded), score, block_size, stride,
                      iters, drop_per_iter, batch_size)
     result = rank_dataset(loaded, dataset, out, cfg, shard_size, skip_bad, batched=not one_variant_at_a_time, quiet=quiet,
-                          command=rank_command(sys.argv[1:]))
+                          command=rank_command(sys.argv[1:]), device=device)
     if result["rank"] != 0:
         return
     emit(result, as_json, lambda r: print(
@@ -79,6 +80,7 @@ def train(
     val_fraction: Annotated[float, typer.Option("--val-fraction")] = 0.1,
     k_final: Annotated[int | None, typer.Option("--k-final", help="K for match@K besides 100 (default: 60% of N).")] = None,
     seed: o.Seed = 0,
+    device: o.Device = "auto",
     as_json: o.Json = False,
     quiet: o.Quiet = False,
     verbose: o.Verbose = False,
@@ -93,7 +95,7 @@ def train(
     loaded = load_clip(model, pretrained)
     dataset = load_dataset(data, split, image_root)
     cfg = PredictorTrainConfig(epochs, batch_size, lr, weight_decay, tau, val_fraction, seed)
-    result = train_from_store(loaded, dataset, rankings, out, cfg, k_final, quiet=quiet)
+    result = train_from_store(loaded, dataset, rankings, out, cfg, k_final, quiet=quiet, device=device)
     emit(result, as_json, lambda r: table(f"predictor -> {r['out']} ({r['parameters']:,} parameters, "
                                           f"{r['macs_per_image'] / 1e6:.2f} MMACs/image)", ["metric", "held-out value"],
                                           list(r["val_metrics"].items())))
