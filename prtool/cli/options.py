@@ -28,3 +28,6 @@ Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="Print only the resul
 Verbose = Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging on stderr.")]
 Seed = Annotated[int, typer.Option("--seed", help="Seed for every random choice.")]
 Shots = Annotated[int | None, typer.Option("--shots", help="Few-shot: at most this many images per class (seeded by --seed).")]
+AllowOtherWeights = Annotated[bool, typer.Option(
+    "--allow-other-weights",
+    help="Use a predictor/tokens made for other weights of this architecture anyway (recorded in the manifest).")]
