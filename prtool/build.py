@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
 from prtool.errors import PrtoolError
 from prtool.models import LoadedModel
-from prtool.predictor import PredictorConfig, RankingPredictor, check_predictor_fits, load_predictor
+from prtool.predictor import check_predictor_fits, load_predictor, untrained_predictor
 from prtool.pruned import PrunedVisionTransformer
 from prtool.schedule import Schedule, resolve_schedule
 from prtool.scorers import (
@@ -29,10 +30,51 @@ class EncoderSpec:
     predictor_path: Path | None = None
     gather: str = "flat"
     seed: int = 0
+    allow_other_weights: bool = False  # a predictor/tokens made for other weights of this architecture
+
+    @property
+    def untrained_predictor(self) -> bool:
+        return not self.schedule.is_empty and self.scorer == "predictor" and self.predictor_path is None
 
     def to_dict(self) -> dict:
-        return {"schedule": self.schedule.to_dict(), "scorer": self.scorer if not self.schedule.is_empty else None,
-                "predictor": str(self.predictor_path) if self.predictor_path else None, "gather": self.gather}
+        predictor = str(self.predictor_path) if self.predictor_path else None
+        out = {"schedule": self.schedule.to_dict(), "scorer": self.scorer if not self.schedule.is_empty else None,
+               "predictor": "untrained" if self.untrained_predictor else predictor, "gather": self.gather}
+        if self.allow_other_weights:
+            out["allow_other_weights"] = True
+        return out
+
+
+log = logging.getLogger(__name__)
+
+
+def resolve_predictor(loaded: LoadedModel, schedule: Schedule, scorer: str, predictor: Path | None) -> Path | None:
+    """The predictor file a command ranks with: ``predictor`` as given; for the shipped testbed
+    checkpoint, the shipped testbed predictor (when the schedule starts at its rank block); else None,
+    an untrained predictor, said in a warning. A predictor with an unpruned schedule is refused."""
+    import json
+
+    from prtool.testbed import spec as tbspec
+
+    if predictor is not None and schedule.is_empty:
+        raise PrtoolError(f"--predictor {predictor} needs a pruning schedule (without one nothing is pruned and the "
+                          "predictor is unused): pass --schedule/-s with the first stage at the predictor's rank block, "
+                          "or --keep-ratio")
+    if predictor is not None or schedule.is_empty or scorer != "predictor":
+        return predictor
+    shipped = tbspec.PREDICTOR_PATH
+    why = "pass --predictor FILE (from `prtool train`) for accuracy"
+    if loaded.name == tbspec.MODEL_NAME and shipped.exists():
+        meta = json.loads(shipped.with_suffix(".json").read_text())
+        if meta["model_id"].get("checkpoint_sha256") == loaded.checkpoint_sha256:
+            if meta["rank_block"] == schedule.first_block:
+                log.info("ranking with the shipped testbed predictor %s", shipped)
+                return shipped
+            why = (f"the shipped testbed predictor ranks at block {meta['rank_block']}, this schedule starts at block "
+                   f"{schedule.first_block}")
+    log.warning("warning: no --predictor: patches are ranked by an untrained (seeded random) predictor, fine for "
+                "graphs and speed, not for accuracy (%s)", why)
+    return None
 
 
 def tower_geometry(loaded: LoadedModel) -> tuple[int, int, int]:
@@ -55,9 +97,10 @@ def make_scorer(loaded: LoadedModel, spec: EncoderSpec) -> tuple[PatchScorer | N
     if spec.scorer == "predictor":
         if spec.predictor_path is None:
             # An untrained predictor: a valid graph for export and speed work, not for accuracy.
-            return PredictorScorer(RankingPredictor(PredictorConfig(n, width)).eval()), None
+            return PredictorScorer(untrained_predictor(n, width)), None
         predictor, meta = load_predictor(spec.predictor_path)
-        check_predictor_fits(meta, loaded.model_id, spec.schedule.first_block, n, width, spec.predictor_path)
+        check_predictor_fits(meta, loaded.model_id, spec.schedule.first_block, n, width, spec.predictor_path,
+                             spec.allow_other_weights)
         return PredictorScorer(predictor), meta
     if spec.predictor_path is not None:
         raise PrtoolError(f"--predictor is only used with --scorer predictor, not {spec.scorer}")

@@ -38,6 +38,7 @@ class ImageDataset:
     arrays: np.ndarray | None = None
     skipped: list[str] = field(default_factory=list)
     synonyms: list[list[str]] | None = None  # names per class (first = classname); None: the classname alone
+    notes: list[str] = field(default_factory=list)  # what a command must tell the user (e.g. no splits)
 
     @property
     def class_synonyms(self) -> list[list[str]]:
@@ -52,7 +53,8 @@ class ImageDataset:
 
     def subset(self, indices) -> ImageDataset:
         return ImageDataset(self.name, self.split, self.classnames, self.class_prompts,
-                            [self.samples[int(i)] for i in indices], self.arrays, synonyms=self.synonyms)
+                            [self.samples[int(i)] for i in indices], self.arrays, synonyms=self.synonyms,
+                            notes=self.notes)
 
     def limit(self, n: int | None) -> ImageDataset:
         return self if n is None or n >= len(self) else self.subset(range(n))
@@ -107,44 +109,67 @@ def few_shot(dataset: ImageDataset, shots: int, seed: int = 0) -> ImageDataset:
     return dataset.subset(sorted(picked))
 
 
+def read_templates(templates_file: Path | None, name: str = "") -> list[str] | None:
+    """The prompt templates of a JSON file (a list, or {dataset: list}); None without a file."""
+    if templates_file is None:
+        return None
+    try:
+        data = json.loads(Path(templates_file).read_text())
+    except (OSError, ValueError) as exc:
+        raise PrtoolError(f"cannot read templates file {templates_file}: {str(exc).splitlines()[0][:100]}") from None
+    templates = data.get(name, data.get("default")) if isinstance(data, dict) else data
+    if not templates or not isinstance(templates, list) or not all(isinstance(t, str) and "{}" in t for t in templates):
+        raise PrtoolError(f"templates file {templates_file} must give a list of strings containing '{{}}'")
+    return templates
+
+
 def prompts_for(classnames: list[str], templates_file: Path | None = None, name: str = "") -> list[list[str]]:
     """Prompt lists per class: ``templates_file`` (JSON: a list, or {dataset: list}) or the defaults."""
-    templates = list(DEFAULT_TEMPLATES)
-    if templates_file is not None:
-        try:
-            data = json.loads(Path(templates_file).read_text())
-        except (OSError, ValueError) as exc:
-            raise PrtoolError(f"cannot read templates file {templates_file}: {exc}") from None
-        templates = data.get(name, data.get("default")) if isinstance(data, dict) else data
-        if not templates or not all(isinstance(t, str) and "{}" in t for t in templates):
-            raise PrtoolError(f"templates file {templates_file} must give a list of strings containing '{{}}'")
+    templates = read_templates(templates_file, name) or list(DEFAULT_TEMPLATES)
     return [[t.format(c.replace("_", " ")) for t in templates] for c in classnames]
 
 
 TESTBED_DOMAINS = {"testbed": "", "testbed-sketch": "sketch"}  # --data name -> rendering domain
 
 
-def _testbed(split: str, name: str = "testbed") -> ImageDataset:
+def _testbed(split: str, name: str = "testbed", templates: list[str] | None = None) -> ImageDataset:
     from prtool.testbed import spec
     from prtool.testbed.eval_set import load_split_canvases
 
     canvases, labels = load_split_canvases(split, domain=TESTBED_DOMAINS[name])
     syn = [list(s) for s in spec.SYNONYMS]
-    prompts = [[t.format(n) for t in spec.TEMPLATES for n in names] for names in syn]
+    prompts = [[t.format(n) for t in (templates or spec.TEMPLATES) for n in names] for names in syn]
     return ImageDataset(name, split, list(spec.CLASSNAMES), prompts,
                         [(i, int(lab)) for i, lab in enumerate(labels)], canvases, synonyms=syn)
 
 
-def _image_folder(root: Path, split: str) -> tuple[list[str], list[tuple[Path, int]]]:
-    """One sub-folder per class; a folder of images without sub-folders is an unlabelled dataset."""
-    base = root / split if (root / split).is_dir() else root
+def _split_folders(root: Path) -> list[str]:
+    """The split folders (train/val/test holding class folders) of an ImageFolder root."""
+    return [s for s in SPLITS if (root / s).is_dir() and any(d.is_dir() for d in (root / s).iterdir())]
+
+
+def _image_folder(root: Path, split: str) -> tuple[list[str], list[tuple[Path, int]], list[str]]:
+    """``root/<split>/<class>/`` (the ImageNet layout) or a flat ``root/<class>/`` tree, which has no
+    splits (every --split reads the same images: said in a note). A folder of images without
+    sub-folders is an unlabelled dataset."""
+    notes = []
+    splits = _split_folders(root)
+    if splits:
+        if split not in splits:
+            raise PrtoolError(f"dataset {root} has no {split!r} split (it has {', '.join(splits)}): "
+                              f"pass --split {splits[0]}" + (" or another of those" if len(splits) > 1 else ""))
+        base = root / split
+    else:
+        base = root
+        notes.append(f"dataset {root} is a flat class-folder tree without train/val/test folders: every --split "
+                     "reads the same images, so rankings, training and evaluation are not held out from each other")
     classes = sorted(d.name for d in base.iterdir() if d.is_dir())
     if not classes:
         files = sorted(p for p in base.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
-        return [], [(p, -1) for p in files]
+        return [], [(p, -1) for p in files], notes
     samples = [(p, c) for c, name in enumerate(classes) for p in sorted((base / name).rglob("*"))
                if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES]
-    return classes, samples
+    return classes, samples, notes
 
 
 def _csv(path: Path, root: Path) -> tuple[list[str], list[tuple[Path, int]]]:
@@ -191,13 +216,14 @@ def load_dataset(data: str, split: str = "test", image_root: Path | None = None,
     if split not in SPLITS:
         raise PrtoolError(f"unknown split {split!r}: use train, val or test")
     if data in TESTBED_DOMAINS:
-        return _testbed(split, data)
+        return _testbed(split, data, read_templates(templates_file, data))
     path = Path(data)
     if not path.exists():
         raise PrtoolError(f"dataset {data} does not exist: pass 'testbed' (or 'testbed-sketch'), a class-folder directory, a .csv or a CoOp .json")
     root = Path(image_root) if image_root else path.parent
+    notes: list[str] = []
     if path.is_dir():
-        classes, samples = _image_folder(path, split)
+        classes, samples, notes = _image_folder(path, split)
     elif path.suffix.lower() == ".csv":
         classes, samples = _csv(path, root)
     elif path.suffix.lower() == ".json":
@@ -209,4 +235,6 @@ def load_dataset(data: str, split: str = "test", image_root: Path | None = None,
     missing = [str(p) for p, _ in samples[:1000] if not Path(p).exists()]
     if missing:
         raise PrtoolError(f"dataset {data}: image {missing[0]} does not exist (check --image-root)")
-    return ImageDataset(path.stem, split, classes, prompts_for(classes, templates_file, path.stem), samples)
+    for note in notes:
+        log.warning("note: %s", note)
+    return ImageDataset(path.stem, split, classes, prompts_for(classes, templates_file, path.stem), samples, notes=notes)

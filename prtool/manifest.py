@@ -12,6 +12,14 @@ from prtool.models import sha256_file
 MANIFEST_VERSION = 1
 
 
+def follow_umask(path: Path) -> None:
+    """Give a file written through a temporary file (mkstemp and safetensors create 0600) the mode
+    an ordinary ``open()`` would: 0666 minus the process umask."""
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(path, 0o666 & ~mask)
+
+
 def write_json_atomic(path: Path, obj) -> None:
     """Write JSON to a temporary file in the same folder, then rename it into place."""
     path = Path(path)
@@ -20,7 +28,7 @@ def write_json_atomic(path: Path, obj) -> None:
         with os.fdopen(fd, "w") as f:
             json.dump(obj, f, indent=2, sort_keys=False, default=str)
             f.write("\n")
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; manifests are meant to be read by consumers
+        follow_umask(Path(tmp))  # mkstemp creates 0600; manifests are meant to be read by consumers
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -88,3 +96,38 @@ def read_manifest_for(onnx_path: Path) -> dict | None:
         except ValueError:
             return None
     return None
+
+
+TRITON_MANIFEST = "prtool_manifest.json"  # beside config.pbtxt in a model folder written by `prtool package`
+
+
+def manifest_path_for(onnx_path: Path) -> Path:
+    """Where an ONNX file's manifest is: ``model.json`` beside ``model.onnx``, or, for the copy inside a
+    Triton model folder (``<name>/<version>/model.onnx``), ``<name>/prtool_manifest.json``."""
+    onnx_path = Path(onnx_path)
+    triton = onnx_path.parent.parent / TRITON_MANIFEST
+    if onnx_path.parent.name.isdigit() and triton.is_file() and not onnx_path.with_suffix(".json").exists():
+        return triton
+    return onnx_path.with_suffix(".json")
+
+
+def checked_manifest(onnx_path: Path) -> dict:
+    """The prtool manifest of an ONNX file, refused unless the file is the graph it describes (sha256)."""
+    from prtool.errors import PrtoolError
+
+    onnx_path = Path(onnx_path)
+    side = manifest_path_for(onnx_path)
+    if not side.is_file():
+        raise PrtoolError(f"{onnx_path} has no manifest {side.name}: export it with `prtool export`")
+    try:
+        manifest = json.loads(side.read_text())
+    except (ValueError, UnicodeDecodeError):
+        manifest = None
+    if not isinstance(manifest, dict) or "onnx_sha256" not in manifest:
+        raise PrtoolError(f"{side} beside {onnx_path.name} is not a prtool export manifest: export it with `prtool export`")
+    sha = sha256_file(onnx_path)
+    if sha != manifest["onnx_sha256"]:
+        raise PrtoolError(f"{onnx_path} (sha256 {sha[:12]}) is not the graph its manifest {side} describes "
+                          f"({manifest.get('onnx_file')}, sha256 {manifest['onnx_sha256'][:12]}): keep each export's "
+                          ".onnx and .json together, or re-export")
+    return manifest

@@ -8,6 +8,7 @@ random weights (tests, speed work).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import pickle
@@ -80,6 +81,9 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
         raise PrtoolError(f"checkpoint {path} is a directory: pass the weights file inside it")
     if path.stat().st_size == 0:
         raise PrtoolError(f"checkpoint {path} is empty: re-download or re-save it")
+    if path.suffix == ".onnx":
+        raise PrtoolError(f"checkpoint {path} is an ONNX graph, not weights: pass the .safetensors or torch state_dict "
+                          "of the CLIP model (--pretrained takes weights, an open_clip tag or 'none')")
     with open(path, "rb") as f:
         head = f.read(8)
     if path.suffix == ".safetensors" or (len(head) == 8 and int.from_bytes(head, "little") < (1 << 28) and not zipfile.is_zipfile(path)):
@@ -157,7 +161,7 @@ def load_clip(name: str, pretrained: str | None = None, device: str = "cpu") -> 
     if pretrained == "none" or is_file:
         # Random weights are seeded, so "none" is the same model in every process (torchrun ranks,
         # a resumed job, a validation run) without touching the caller's random state.
-        with torch.random.fork_rng(devices=[]):
+        with torch.random.fork_rng(devices=[]), _no_random_init_warning(is_file):
             torch.manual_seed(RANDOM_INIT_SEED)
             model = oc.create_model(name, pretrained=None, device=device, load_weights=False)
         _check_vit(model, name)
@@ -192,6 +196,23 @@ def load_clip(name: str, pretrained: str | None = None, device: str = "cpu") -> 
                        preprocess_config(model))
 
 
+@contextlib.contextmanager
+def _no_random_init_warning(active: bool):
+    """Drop open_clip's "No pretrained weights loaded ... initialized randomly" while prtool builds a
+    model it then loads its own weights into."""
+
+    def keep(record: logging.LogRecord) -> bool:
+        return "No pretrained weights loaded" not in record.getMessage()
+
+    root = logging.getLogger()
+    if active:
+        root.addFilter(keep)
+    try:
+        yield
+    finally:
+        root.removeFilter(keep)
+
+
 def preprocess_config(model: nn.Module) -> dict:
     """What a consumer must do to an image before the encoder (recorded in every manifest)."""
     visual = model.visual
@@ -212,3 +233,34 @@ def preprocess_config(model: nn.Module) -> dict:
         "mean": list(cfg.get("mean", OPENAI_DATASET_MEAN)),
         "std": list(cfg.get("std", OPENAI_DATASET_STD)),
     }
+
+
+def describe_weights(model_id: dict) -> str:
+    """``model / pretrained (sha256 abc123...)`` for messages."""
+    sha = model_id.get("checkpoint_sha256")
+    return f"{model_id.get('model')} / {model_id.get('pretrained')}" + (f" (sha256 {sha[:12]})" if sha else "")
+
+
+def same_weights(made_for: dict, model_id: dict) -> bool:
+    """Whether an artifact made for ``made_for`` (a ``LoadedModel.model_id``) fits ``model_id``: the same
+    architecture, and the same checkpoint content (sha256) where either side has a checkpoint file,
+    else the same open_clip tag (``none`` = seeded random weights)."""
+    if made_for.get("model") != model_id.get("model"):
+        return False
+    if made_for.get("checkpoint_sha256") or model_id.get("checkpoint_sha256"):
+        return made_for.get("checkpoint_sha256") == model_id.get("checkpoint_sha256")
+    return made_for.get("pretrained") == model_id.get("pretrained")
+
+
+def check_same_weights(what: str, path, made_for: dict, model_id: dict, allow: bool = False) -> bool:
+    """Refuse ``what`` (``predictor``/``tokens``) at ``path`` made for other weights, naming both;
+    ``allow`` (``--allow-other-weights``) turns the refusal into a warning. Returns whether they match."""
+    if same_weights(made_for or {}, model_id):
+        return True
+    msg = (f"{what} {path} was made for {describe_weights(made_for or {})}, but the model is "
+           f"{describe_weights(model_id)}")
+    if not allow:
+        raise PrtoolError(f"{msg}: use {what} made for these weights, or pass --allow-other-weights to use them "
+                          "anyway (the manifest records it)")
+    log.warning("%s; used anyway (--allow-other-weights)", msg)
+    return False

@@ -38,10 +38,16 @@ def load_onnx(path: Path):
     path = Path(path)
     if not path.exists():
         raise PrtoolError(f"ONNX file {path} does not exist")
+    if path.is_dir():
+        raise PrtoolError(f"{path} is a directory, not an ONNX file: pass the .onnx file")
     try:
-        return onnx.load(str(path), load_external_data=False)
+        model = onnx.load(str(path), load_external_data=False)
     except Exception as exc:  # protobuf raises DecodeError and friends
         raise PrtoolError(f"{path} is not a readable ONNX model ({type(exc).__name__}): re-export it") from None
+    if not model.graph.node or not model.graph.input:  # protobuf parses an empty file (and some others) as a model
+        what = "empty" if path.stat().st_size == 0 else "not an ONNX model (no graph)"
+        raise PrtoolError(f"{path} is {what}: pass an .onnx file written by `prtool export` or another exporter")
+    return model
 
 
 def opset_of(model) -> int:

@@ -71,14 +71,48 @@ def save_predictor(predictor: RankingPredictor, path: Path, meta: dict) -> None:
     """Write weights + JSON config atomically (``path`` ends in .safetensors)."""
     from safetensors.torch import save_file
 
+    from prtool.manifest import follow_umask
+
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     cfg = {"predictor": asdict(predictor.cfg), **meta}
     tmp_w, tmp_j = path.with_name(path.name + ".tmp"), path.with_suffix(".json.tmp")
     save_file({k: v.contiguous() for k, v in predictor.state_dict().items()}, str(tmp_w),
               metadata={"prtool": "predictor"})
     tmp_j.write_text(json.dumps(cfg, indent=2) + "\n")
+    follow_umask(tmp_w)
     tmp_w.replace(path)
     tmp_j.replace(path.with_suffix(".json"))
+
+
+def untrained_predictor(num_patches: int, dim: int) -> RankingPredictor:
+    """A predictor with seeded random weights (the same in every process, so an export made with it
+    rebuilds identically): a valid graph for export and speed work, not for accuracy."""
+    from prtool.models import RANDOM_INIT_SEED
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(RANDOM_INIT_SEED)
+        return RankingPredictor(PredictorConfig(num_patches, dim)).eval()
+
+
+def _not_a_predictor(path: Path, meta_path: Path) -> str | None:
+    """What ``path`` is instead of a predictor checkpoint, when its files say so."""
+    if path.is_dir():
+        return "a directory, not a predictor checkpoint: pass the .safetensors file written by `prtool train`"
+    if path.suffix != ".safetensors":
+        with open(path, "rb") as f:
+            head = f.read(8)
+        kind = "an ONNX graph" if path.suffix == ".onnx" else "not a safetensors file"
+        if len(head) < 8 or int.from_bytes(head, "little") >= (1 << 28):
+            return f"{kind}: pass the predictor's .safetensors written by `prtool train`"
+    if meta_path.exists():
+        try:
+            kind = json.loads(meta_path.read_text()).get("kind")
+        except (ValueError, AttributeError):
+            kind = None
+        if kind:
+            return f"not a predictor: {meta_path.name} beside it is a {kind!r} manifest; pass the .safetensors written by `prtool train`"
+    return None
 
 
 def load_predictor(path: Path) -> tuple[RankingPredictor, dict]:
@@ -90,13 +124,18 @@ def load_predictor(path: Path) -> tuple[RankingPredictor, dict]:
     meta_path = path.with_suffix(".json")
     if not path.exists():
         raise PrtoolError(f"predictor {path} does not exist: train one with `prtool train` or pass another file")
+    wrong = _not_a_predictor(path, meta_path)
+    if wrong:
+        raise PrtoolError(f"predictor {path} is {wrong}")
     if not meta_path.exists():
-        raise PrtoolError(f"predictor config {meta_path} is missing: keep the .json written by `prtool train` beside the weights")
+        raise PrtoolError(f"predictor {path} has no config {meta_path.name} beside it: pass the .safetensors written by "
+                          "`prtool train` with the .json it wrote beside it")
     try:
         meta = json.loads(meta_path.read_text())
         cfg = PredictorConfig(**meta["predictor"])
     except (ValueError, KeyError, TypeError) as exc:
-        raise PrtoolError(f"predictor config {meta_path} is not a prtool predictor config ({exc})") from None
+        raise PrtoolError(f"predictor config {meta_path} is not a prtool predictor config ({type(exc).__name__}: {exc}): "
+                          "pass the .safetensors written by `prtool train`") from None
     try:
         state = load_file(str(path))
     except (SafetensorError, OSError, ValueError) as exc:
@@ -109,21 +148,27 @@ def load_predictor(path: Path) -> tuple[RankingPredictor, dict]:
     return predictor.eval(), meta
 
 
-def check_predictor_fits(meta: dict, model_id: dict, rank_block: int, num_patches: int, dim: int, path: Path) -> None:
-    """Refuse a predictor trained for another model, block, N or D, naming both sides."""
+def check_predictor_fits(meta: dict, model_id: dict, rank_block: int, num_patches: int, dim: int, path: Path,
+                         allow_other_weights: bool = False) -> bool:
+    """Refuse a predictor trained for another model, block, N, D or other weights, naming both sides.
+
+    ``allow_other_weights`` lets a predictor trained on other weights of the same architecture
+    through (returns False then, for the manifest to record)."""
+    from prtool.models import check_same_weights
+
     want = {"rank_block": rank_block, "num_patches": num_patches, "dim": dim}
     have = {"rank_block": meta.get("rank_block"), "num_patches": meta["predictor"]["num_patches"],
             "dim": meta["predictor"]["dim"]}
-    made_for = meta.get("model_id", {})
-    for key in ("model", "checkpoint_sha256"):
-        if made_for.get(key) is not None and model_id.get(key) is not None and made_for[key] != model_id[key]:
-            raise PrtoolError(
-                f"predictor {path} was trained for {key} {made_for[key]!r}, not {model_id[key]!r}: "
-                "train a predictor for this model with `prtool rank` + `prtool train`"
-            )
+    made_for = meta.get("model_id") or {}
+    if made_for.get("model") is not None and made_for["model"] != model_id.get("model"):
+        raise PrtoolError(
+            f"predictor {path} was trained for model {made_for['model']!r}, not {model_id.get('model')!r}: "
+            "train a predictor for this model with `prtool rank` + `prtool train`"
+        )
     for key, value in want.items():
         if have[key] is not None and have[key] != value:
             raise PrtoolError(
                 f"predictor {path} was trained for {key}={have[key]}, but this model/schedule has {key}={value}: "
                 "use a schedule whose first stage is the predictor's rank block, or train a matching predictor"
             )
+    return check_same_weights("predictor", path, made_for, model_id, allow_other_weights)

@@ -147,7 +147,10 @@ class PromptLearner(nn.Module):
 def save_tokens(learner: PromptLearner, path: Path, meta: dict) -> None:
     from safetensors.torch import save_file
 
+    from prtool.manifest import follow_umask
+
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     state = {"ctx": learner.ctx.detach().contiguous()}
     if learner.visual_proj is not None:
         state["visual_proj.weight"] = learner.visual_proj.weight.detach().contiguous()
@@ -155,25 +158,54 @@ def save_tokens(learner: PromptLearner, path: Path, meta: dict) -> None:
     tmp_w, tmp_j = path.with_name(path.name + ".tmp"), path.with_suffix(".json.tmp")
     save_file(state, str(tmp_w), metadata={"prtool": "tokens"})
     tmp_j.write_text(json.dumps({"n_ctx": learner.n_ctx, "mode": learner.mode, **meta}, indent=2, default=str) + "\n")
+    follow_umask(tmp_w)
     tmp_w.replace(path)
     tmp_j.replace(path.with_suffix(".json"))
 
 
-def load_tokens(path: Path, model, tokenizer, vision_width: int, model_id: dict, schedule_text: str,
-                scorer: str | None = None, predictor_path: Path | None = None) -> tuple[PromptLearner, dict]:
-    """Read a tokens checkpoint and refuse one made for another model, schedule, scorer or predictor
-    file (when those are given), naming both."""
+def read_tokens(path: Path, model_id: dict | None, allow_other_weights: bool = False) -> tuple[dict, dict]:
+    """``(tensors, meta)`` of a tokens checkpoint made by `prtool tune` for these weights (``model_id``;
+    None checks the files only); refuses another kind of file, or tokens tuned on other weights unless
+    ``allow_other_weights``."""
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
+
+    from prtool.models import check_same_weights
 
     path = Path(path)
     meta_path = path.with_suffix(".json")
+    if path.is_dir():
+        raise PrtoolError(f"tokens {path} is a directory: pass the .safetensors written by `prtool tune`")
     if not path.exists() or not meta_path.exists():
         raise PrtoolError(f"tokens {path} (and its .json) must exist: make them with `prtool tune`")
-    meta = json.loads(meta_path.read_text())
-    for key in ("model", "checkpoint_sha256"):
-        made, have = meta.get("model_id", {}).get(key), model_id.get(key)
-        if made is not None and have is not None and made != have:
-            raise PrtoolError(f"tokens {path} were tuned for {key} {made!r}, not {have!r}: tune them for this model")
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (ValueError, UnicodeDecodeError):
+        meta = None
+    if not isinstance(meta, dict) or "n_ctx" not in meta or "mode" not in meta:
+        raise PrtoolError(f"tokens {path} are not prtool tokens: {meta_path.name} is not a tokens config; "
+                          "pass the .safetensors written by `prtool tune`")
+    try:
+        state = load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise PrtoolError(f"tokens {path} are not a readable safetensors file ({exc}): pass the .safetensors "
+                          "written by `prtool tune`") from None
+    if model_id is None:
+        return state, meta
+    if meta.get("model_id", {}).get("model") not in (None, model_id.get("model")):
+        raise PrtoolError(f"tokens {path} were tuned for model {meta['model_id']['model']!r}, not "
+                          f"{model_id.get('model')!r}: tune them for this model")
+    check_same_weights("tokens", path, meta.get("model_id") or {}, model_id, allow_other_weights)
+    return state, meta
+
+
+def load_tokens(path: Path, model, tokenizer, vision_width: int, model_id: dict, schedule_text: str,
+                scorer: str | None = None, predictor_path: Path | None = None,
+                allow_other_weights: bool = False) -> tuple[PromptLearner, dict]:
+    """Read a tokens checkpoint and refuse one made for another model, weights, schedule, scorer or
+    predictor file (when those are given), naming both."""
+    path = Path(path)
+    state, meta = read_tokens(path, model_id, allow_other_weights)
     if meta.get("schedule") != schedule_text:
         raise PrtoolError(f"tokens {path} were tuned with schedule {meta.get('schedule')!r}, not {schedule_text!r}: "
                           "export with the tuning schedule, or tune for this one")
@@ -189,7 +221,6 @@ def load_tokens(path: Path, model, tokenizer, vision_width: int, model_id: dict,
             raise PrtoolError(f"tokens {path} were tuned behind predictor {meta.get('predictor')} (sha256 {sha[:12]}), "
                               f"not {predictor_path}: export with that predictor, or tune for this one")
     learner = PromptLearner(model, tokenizer, meta["n_ctx"], meta["mode"], init=None, vision_width=vision_width)
-    state = load_file(str(path))
     try:
         learner.load_state_dict(state, strict=True)
     except RuntimeError as exc:

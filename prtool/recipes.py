@@ -19,12 +19,13 @@ else:  # pragma: no cover
 
 def read_recipe(path: Path) -> dict:
     path = Path(path)
-    if not path.exists():
-        raise PrtoolError(f"recipe {path} does not exist (recipes ship in export/recipes/)")
+    if not path.is_file():
+        what = "is a directory" if path.is_dir() else "does not exist"
+        raise PrtoolError(f"recipe {path} {what}: pass a .toml recipe file (recipes ship in export/recipes/)")
     try:
         return tomllib.loads(path.read_text())
-    except tomllib.TOMLDecodeError as exc:
-        raise PrtoolError(f"recipe {path} is not valid TOML ({exc})") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise PrtoolError(f"recipe {path} is not valid TOML ({str(exc).splitlines()[0][:80]})") from None
 
 
 def apply_recipe(recipe: Path | None, ctx, values: dict, section: str) -> dict:

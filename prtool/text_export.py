@@ -41,7 +41,7 @@ class TextEncoder(nn.Module):
 
 
 def export_text(loaded: LoadedModel, out: Path, tokens: Path | None = None, classnames: list[str] | None = None,
-                opset: int = 18, atol: float = 1e-4) -> dict:
+                opset: int = 18, atol: float = 1e-4, allow_other_weights: bool = False) -> dict:
     """Export, check against PyTorch on the class prompts, and write ``out`` + manifest atomically."""
     from prtool.export import _check_output_dir, mha_fastpath_disabled
     from prtool.validate import ort_session
@@ -51,11 +51,10 @@ def export_text(loaded: LoadedModel, out: Path, tokens: Path | None = None, clas
     tokenizer = loaded.tokenizer()
     ctx, n_ctx = None, 0
     if tokens is not None:
-        from safetensors.torch import load_file
-
+        from prtool.prompts import read_tokens
         from prtool.tune import learner_classnames
 
-        state = load_file(str(tokens))
+        state, _ = read_tokens(tokens, loaded.model_id, allow_other_weights)
         ctx = state["ctx"]
         n_ctx = int(ctx.shape[0])
         classnames = classnames or learner_classnames(tokens)
@@ -86,6 +85,7 @@ def export_text(loaded: LoadedModel, out: Path, tokens: Path | None = None, clas
                                  "l2_normalized": True}],
                     "n_ctx": n_ctx, "tokens": str(tokens) if tokens else None,
                     "tokens_sha256": sha256_file(tokens) if tokens else None,
+                    **({"allow_other_weights": True} if allow_other_weights else {}),
                     "validation": {"classnames": classnames, "max_abs": err, "atol": atol},
                     "opset": opset, "versions": package_versions(), "onnx_sha256": sha256_file(tmp)}
         write_json_atomic(tmpdir / out.with_suffix(".json").name, manifest)

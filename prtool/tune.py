@@ -149,8 +149,9 @@ def save_tuned(learner: PromptLearner, out: Path, loaded: LoadedModel, spec: Enc
 
 
 def export_extras(loaded: LoadedModel, spec: EncoderSpec, tokens: Path | None, classifier: bool,
-                  dataset: ImageDataset | None = None) -> dict:
-    """What ``prtool export --tokens/--classifier`` bakes in: visual tokens, class embeddings, manifest notes."""
+                  dataset: ImageDataset | None = None, data: str | None = None) -> dict:
+    """What ``prtool export --tokens/--classifier`` bakes in: visual tokens, class embeddings, manifest notes
+    (``data``: the ``--data`` the zero-shot head's class names came from, recorded to rebuild it)."""
     from prtool.errors import PrtoolError
     from prtool.models import sha256_file
     from prtool.prompts import load_tokens
@@ -159,7 +160,8 @@ def export_extras(loaded: LoadedModel, spec: EncoderSpec, tokens: Path | None, c
     learner = None
     if tokens is not None:
         learner, meta = load_tokens(tokens, loaded.model, loaded.tokenizer(), loaded.visual.class_embedding.shape[0],
-                                    loaded.model_id, spec.schedule.to_string(), spec.scorer, spec.predictor_path)
+                                    loaded.model_id, spec.schedule.to_string(), spec.scorer, spec.predictor_path,
+                                    spec.allow_other_weights)
         vt = learner.visual_tokens()
         out["visual_prompts"] = None if vt is None else vt.detach()
         out["manifest"]["tokens"] = {"file": str(tokens), "sha256": sha256_file(tokens), "n_ctx": meta["n_ctx"],
@@ -174,6 +176,7 @@ def export_extras(loaded: LoadedModel, spec: EncoderSpec, tokens: Path | None, c
 
             classnames = dataset.classnames
             out["class_embeds"] = text_classifier(loaded, dataset)
+            out["manifest"]["classifier_data"] = data
         else:
             raise PrtoolError("--classifier needs class names: pass --tokens from `prtool tune` or --data")
         out["manifest"]["classnames"] = list(classnames)

@@ -4,6 +4,7 @@ and never needs onnxruntime-gpu, TensorRT or the network."""
 from __future__ import annotations
 
 import sys
+from typing import Annotated
 
 import typer
 
@@ -18,6 +19,22 @@ app = typer.Typer(
     add_completion=False,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
+
+
+def _version(value: bool) -> None:
+    if value:
+        from prtool import __version__
+
+        print(f"prtool {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(version: Annotated[bool, typer.Option("--version", help="Print prtool's version and exit.", is_eager=True,
+                                                callback=_version)] = False) -> None:
+    """Patch Ranking token pruning for CLIP: rank patches, train the predictor, export fixed-k ONNX, benchmark."""
+
+
 app.command("export")(export_cmd.export)
 app.command("inspect")(export_cmd.inspect)
 app.command("rank")(rank_cmd.rank)

@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from prtool.cli import options as o
-from prtool.cli.common import emit, setup
+from prtool.cli.common import check_inputs, check_output, check_schedule_syntax, dataset_note, emit, setup, table
 
 app = typer.Typer(help="Benchmarks: accuracy of pruning methods at equal cost.", no_args_is_help=True)
 
@@ -37,6 +37,10 @@ def accuracy(
 ):
     """Zero-shot accuracy, cosine to unpruned and GFLOPs of each method at the same schedules."""
     setup(quiet, verbose)
+    check_output(out, "dir")
+    for s in schedule or []:
+        check_schedule_syntax(s)
+    check_inputs(predictor)
     from prtool.bench_accuracy import bench_accuracy, markdown_table, plot_accuracy_vs_flops
     from prtool.build import schedule_for
     from prtool.datasets import load_dataset
@@ -59,11 +63,22 @@ def accuracy(
     result = bench_accuracy(loaded, dataset, scheds, [m.strip() for m in methods.split(",") if m.strip()],
                             predictor, rankings, [int(s) for s in seeds.split(",")], batch_size)
     result["environment"] = collect_env()
+    result.update(dataset_note(dataset))
     out.mkdir(parents=True, exist_ok=True)
     write_json_atomic(out / "accuracy.json", result)
     (out / "accuracy.md").write_text(markdown_table(result))
     plot_accuracy_vs_flops(result, out / "accuracy_vs_gflops.png")
-    emit(result, as_json, lambda r: print(markdown_table(r) + f"\nreport in {out}/accuracy.md, plot {out}/accuracy_vs_gflops.png"))
+    emit(result, as_json, lambda r: _accuracy_table(r, out))
+
+
+def _accuracy_table(r: dict, out: Path) -> None:
+    """The accuracy rows in 100 columns (the full table, with top-5 and paired errors, is in accuracy.md)."""
+    rows = [(x["method"], x["schedule"], f"{x['top1']:.2f}" + (f" ±{x['top1_stderr']:.2f}" if x.get("top1_stderr") is not None else ""),
+             x["mean_cosine"], x["top1_agreement"], x["gflops"],
+             f"{x['paired_diff']:+.2f} ±{x['paired_se']:.2f}" if x.get("paired_vs") else None) for x in r["rows"]]
+    table(f"zero-shot on {r['dataset']}/{r['split']} ({r['images']} images)",
+          ["method", "schedule", "top-1 %", "cos", "agree %", "GFLOPs", "Δ top-1 vs PR"], rows)
+    print(f"report in {out}/accuracy.md (with top-5 and paired errors), plot {out}/accuracy_vs_gflops.png")
 
 
 @app.command("speed")
@@ -90,6 +105,9 @@ def speed(
 ):
     """Latency (p50/p90/p99), images/s and speedup vs ideal FLOP ratio, all variants interleaved."""
     setup(quiet, verbose)
+    check_output(out, "dir")
+    check_schedule_syntax(schedule)
+    check_inputs(predictor)
     from prtool.bench_speed import bench_speed, markdown_table
     from prtool.envinfo import collect_env
     from prtool.manifest import write_json_atomic
@@ -139,6 +157,9 @@ def prompts(
 ):
     """The paper's Table 5 rows: none, prune, T, T+prune, T+V, T+V+prune (with GFLOPs)."""
     setup(quiet, verbose)
+    check_output(out, "dir")
+    check_schedule_syntax(schedule)
+    check_inputs(predictor)
     from prtool.bench_prompts import bench_prompts, markdown_table
     from prtool.build import schedule_for
     from prtool.datasets import load_dataset
@@ -157,6 +178,7 @@ def prompts(
     result["tune_config"] = {"n_ctx": n_ctx, "shots": shots, "epochs": epochs, "seed": seed, "lr": cfg.lr,
                              "batch_size": cfg.batch_size, "kg_weight": kg_weight, "init": cfg.init}
     result["environment"] = collect_env()
+    result.update(dataset_note(train))
     out.mkdir(parents=True, exist_ok=True)
     write_json_atomic(out / "prompts.json", result)
     (out / "prompts.md").write_text(markdown_table(result))

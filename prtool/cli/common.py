@@ -64,3 +64,62 @@ def fmt(v) -> str:
 
 def print_checks(checks: list[dict], title: str, stderr: bool = False) -> None:
     table(title, ["check", "ok", "detail"], [(c["check"], c["passed"], c["detail"]) for c in checks], stderr=stderr)
+
+
+def check_output(path, kind: str = "file", option: str = "--out", suffixes: Sequence[str] = ()) -> None:
+    """Refuse an output path that cannot be written, before any work starts (nothing is created).
+
+    ``kind`` is ``file`` or ``dir``. Missing parent folders are fine (they are created when the
+    result is written); a file where a folder must go, or a folder that is not writable, is not.
+    """
+    import os
+    from pathlib import Path
+
+    from prtool.errors import PrtoolError
+
+    path = Path(path)
+    if suffixes and path.suffix not in suffixes:
+        raise PrtoolError(f"{option} {path} must end in {' or '.join(suffixes)}")
+    if kind == "file" and path.is_dir():
+        raise PrtoolError(f"{option} {path} is a directory: pass a file path")
+    if kind == "dir" and path.exists() and not path.is_dir():
+        raise PrtoolError(f"{option} {path} is a file: pass a folder")
+    parent = path if kind == "dir" else path.parent
+    ancestor = parent
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise PrtoolError(f"cannot create output directory {parent}: {ancestor} is a file; pass a writable {option}")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise PrtoolError(f"output directory {ancestor} is not writable: pass a writable {option}")
+
+
+def dataset_note(*datasets) -> dict:
+    """``{"dataset_notes": [...]}`` for a result when a dataset has something to say (e.g. no splits)."""
+    notes = [n for d in datasets if d is not None for n in getattr(d, "notes", [])]
+    return {"dataset_notes": sorted(set(notes))} if notes else {}
+
+
+def check_schedule_syntax(schedule: str | None) -> None:
+    """Refuse a malformed ``--schedule`` before any model loads (block ranges are checked against the
+    model once it is loaded)."""
+    from prtool.schedule import parse_schedule
+
+    if schedule is not None:
+        parse_schedule(schedule, num_patches=1 << 30, depth=1 << 30)
+
+
+def check_inputs(predictor=None, tokens=None, onnx=None) -> None:
+    """Read the small input files first, so the wrong kind of file is refused before a model loads."""
+    if predictor is not None:
+        from prtool.predictor import load_predictor
+
+        load_predictor(predictor)
+    if tokens is not None:
+        from prtool.prompts import read_tokens
+
+        read_tokens(tokens, None)
+    if onnx is not None:
+        from prtool.onnx_graph import load_onnx
+
+        load_onnx(onnx)

@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from prtool.cli import options as o
-from prtool.cli.common import emit, setup, table
+from prtool.cli.common import check_output, emit, setup, table
 
 
 def demo(
@@ -22,6 +22,7 @@ def demo(
 ):
     """Export unpruned + pruned testbed encoders, validate, score in onnxruntime, time, report."""
     setup(quiet, verbose)
+    check_output(out, "dir")
     from prtool.demo import SUMMARY_COLUMNS, run_demo, summary_rows
 
     report = run_demo(out, limit=limit, latency_batch=latency_batch, latency_iters=latency_iters)

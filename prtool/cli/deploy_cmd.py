@@ -8,9 +8,9 @@ from typing import Annotated
 import typer
 
 from prtool.cli import options as o
-from prtool.cli.common import emit, print_checks, setup, table
+from prtool.cli.common import check_inputs, check_output, emit, print_checks, setup, table
 
-Recipe = Annotated[Path | None, typer.Option("--recipe", help="TOML recipe; its [build] table gives defaults for these options.")]
+Recipe = Annotated[Path | None, typer.Option("--recipe", help="TOML recipe; its \\[build] table gives defaults for these options.")]
 
 
 def build(
@@ -46,6 +46,8 @@ def build(
     engine = Path(v["out"]) if v["out"] else src.with_suffix(".plan")
     if engine.suffix not in ENGINE_SUFFIXES:
         raise PrtoolError(f"engine path {engine} must end in {' or '.join(ENGINE_SUFFIXES)}")
+    if not dry_run:
+        check_output(engine)
     cfg = resolve_build_config(src, v["precision"], v["min_batch"], v["opt_batch"], v["max_batch"], v["strongly_typed"],
                                not v["no_fp32_norm"], v["workspace"],
                                Path(v["timing_cache"]) if v["timing_cache"] else None, v["trt_version"], engine)
@@ -118,6 +120,7 @@ def validate(
     precision: Annotated[str | None, typer.Option("--precision", help="For .onnx: fp32, or fp16 with --provider tensorrt. Engines use their manifest's.")] = None,
     pretrained: o.Pretrained = None,
     predictor: o.PredictorPath = None,
+    tokens: Annotated[Path | None, typer.Option("--tokens", help="The tokens an export baked in, if not at the path its manifest records.")] = None,
     images: Annotated[Path | None, typer.Option("--images", help="Folder of real images (default: shipped testbed eval images).")] = None,
     batch_size: o.BatchSize = 7,
     atol: Annotated[float | None, typer.Option("--atol", help="Override the precision preset's absolute tolerance.")] = None,
@@ -133,8 +136,9 @@ def validate(
     from prtool.deploy.verify import validate_artifact
     from prtool.errors import ValidationError
 
+    check_inputs(predictor, tokens)
     overrides = {k: val for k, val in (("atol", atol), ("rtol", rtol), ("min_cosine", min_cosine)) if val is not None}
-    result = validate_artifact(artifact, provider, precision, pretrained, predictor, images, batch_size, overrides)
+    result = validate_artifact(artifact, provider, precision, pretrained, predictor, images, batch_size, overrides, tokens)
     report = result["validation"]
     def human(r):
         print_checks(report["checks"], f"{r['artifact']} on {r['backend']} vs PyTorch ({r['weights']}, {report['images']})")
@@ -160,6 +164,7 @@ def package(
 ):
     """Write a Triton model repository (config.pbtxt, 1/model.*, manifest, README) for the artifacts."""
     setup(quiet, verbose)
+    check_output(triton, "dir", "--triton")
     from prtool.deploy.triton import package_triton
 
     models = package_triton(artifacts, triton, name, max_batch)
@@ -168,5 +173,12 @@ def package(
             print(m["path"])
         return
     emit({"repository": str(triton), "models": models}, as_json, lambda r: table(
-        f"Triton repository {r['repository']}", ["model", "platform", "max batch", "inputs", "outputs"],
-        [(m["name"], m["platform"], m["max_batch_size"], m["inputs"], m["outputs"]) for m in r["models"]]))
+        f"Triton repository {r['repository']}", ["model", "platform", "max batch", "tensor", "dtype", "dims (no batch)"],
+        [row for m in r["models"] for row in _tensor_rows(m)]))
+
+
+def _tensor_rows(m: dict) -> list[tuple]:
+    """One row per input/output tensor; the model's own columns on its first row only."""
+    tensors = [(f"in: {n}", d, dims) for n, d, dims in m["inputs"]] + [(f"out: {n}", d, dims) for n, d, dims in m["outputs"]]
+    return [((m["name"], m["platform"], m["max_batch_size"]) if i == 0 else ("", "", "")) + (n, d, str(list(dims)))
+            for i, (n, d, dims) in enumerate(tensors)]

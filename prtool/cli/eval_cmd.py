@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from prtool.cli import options as o
-from prtool.cli.common import emit, setup, table
+from prtool.cli.common import check_inputs, check_schedule_syntax, dataset_note, emit, setup, table
 
 
 def eval_(
@@ -31,13 +31,16 @@ def eval_(
     shots: o.Shots = None,
     skip_bad: Annotated[bool, typer.Option("--skip-bad", help="Skip unreadable images (recorded in the result).")] = False,
     batch_size: o.BatchSize = 64,
+    allow_other_weights: o.AllowOtherWeights = False,
     as_json: o.Json = False,
     quiet: o.Quiet = False,
     verbose: o.Verbose = False,
 ):
     """Zero-shot top-1/top-5 of a model on a dataset."""
     setup(quiet, verbose)
-    from prtool.build import EncoderSpec, schedule_for
+    check_schedule_syntax(schedule)
+    check_inputs(predictor, onnx=onnx)
+    from prtool.build import EncoderSpec, resolve_predictor, schedule_for
     from prtool.datasets import few_shot, load_dataset
     from prtool.evaluate import evaluate_zero_shot
     from prtool.models import load_clip
@@ -45,10 +48,13 @@ def eval_(
     loaded = load_clip(model, pretrained)
     dataset = load_dataset(data, split, image_root, templates)
     dataset = (few_shot(dataset, shots, seed) if shots else dataset).limit(limit)
-    spec = EncoderSpec(schedule_for(loaded, schedule, keep_ratio, stages, first_block), scorer, predictor, seed=seed)
+    sched = schedule_for(loaded, schedule, keep_ratio, stages, first_block)
+    spec = EncoderSpec(sched, scorer, resolve_predictor(loaded, sched, scorer, predictor), seed=seed,
+                       allow_other_weights=allow_other_weights)
     result = evaluate_zero_shot(loaded, dataset, spec, onnx_path=onnx, batch_size=batch_size, skip_bad=skip_bad,
                                 rankings=rankings)
     result["model"] = loaded.model_id
+    result.update(dataset_note(dataset))
     emit(result, as_json, lambda r: table(
         f"zero-shot on {r['dataset']}/{r['split']} ({r['images']} images, {r['backend']})",
         ["schedule", "scorer", "top1", "top5", "cos to unpruned", "top1 agreement"],

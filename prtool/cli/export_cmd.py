@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from prtool.cli import options as o
-from prtool.cli.common import emit, print_checks, setup, table
+from prtool.cli.common import check_inputs, check_output, check_schedule_syntax, emit, print_checks, setup, table
 
 
 def export(
@@ -38,6 +38,7 @@ def export(
     classifier: Annotated[bool, typer.Option("--classifier", help="Add a logits output (class text embeddings baked in; from --tokens or --data).")] = False,
     data: Annotated[str | None, typer.Option("--data", "-d", help="Dataset whose class names make a zero-shot --classifier head.")] = None,
     recipe: Annotated[Path | None, typer.Option("--recipe", help="TOML recipe with defaults for these options.")] = None,
+    allow_other_weights: o.AllowOtherWeights = False,
     as_json: o.Json = False,
     quiet: o.Quiet = False,
     verbose: o.Verbose = False,
@@ -45,7 +46,7 @@ def export(
     """Export the pruned (or baseline) CLIP image encoder to ONNX, validated against PyTorch."""
     params = dict(locals())  # the options, before any local import joins the namespace
     setup(quiet, verbose)
-    from prtool.build import EncoderSpec, schedule_for
+    from prtool.build import EncoderSpec, resolve_predictor, schedule_for
     from prtool.errors import ValidationError
     from prtool.export import ExportOptions, export_onnx
     from prtool.models import load_clip
@@ -53,12 +54,16 @@ def export(
     from prtool.validate import Tolerances
 
     values = apply_recipe(recipe, ctx, params, section="export")
+    check_output(values["out"], suffixes=(".onnx",))
+    check_schedule_syntax(values["schedule"])
+    check_inputs(values["predictor"], tokens)
     loaded = load_clip(values["model"], values["pretrained"])
     if no_prune:
         sched = schedule_for(loaded, "none")
     else:
         sched = schedule_for(loaded, values["schedule"], values["keep_ratio"], values["stages"], values["first_block"])
-    spec = EncoderSpec(sched, values["scorer"], values["predictor"], values["gather"])
+    pred = resolve_predictor(loaded, sched, values["scorer"], values["predictor"])
+    spec = EncoderSpec(sched, values["scorer"], pred, values["gather"], allow_other_weights=allow_other_weights)
     tol = Tolerances(**{k: v for k, v in (("atol", atol), ("rtol", rtol)) if v is not None})
     opts = ExportOptions(opset=values["opset"], exporter=values["exporter"], normalize=not no_normalize,
                          with_kept_indices=with_kept_indices, validate=not no_validate,
@@ -69,16 +74,20 @@ def export(
         from prtool.datasets import load_dataset
         from prtool.tune import export_extras
 
-        extras = export_extras(loaded, spec, tokens, classifier, load_dataset(data, "test") if data else None)
+        extras = export_extras(loaded, spec, tokens, classifier, load_dataset(data, "test") if data else None, data)
     try:
         result = export_onnx(loaded, spec, values["out"], opts, visual_prompts=extras["visual_prompts"],
                              extra_manifest=extras["manifest"], class_embeds=extras["class_embeds"])
     except ValidationError as exc:
-        if exc.report is not None:
+        if exc.report is not None and as_json:  # the report is the result, as `validate --json` prints it
+            emit({"onnx": None, "manifest": None, "schedule": sched.to_string() or "none", "keep": list(sched.keep),
+                  "passed": False, "validation": exc.report.to_dict()}, True)
+        elif exc.report is not None:
             print_checks(exc.report.checks, "export validation", stderr=True)
         raise
     summary = {"onnx": str(result.onnx_path), "manifest": str(result.manifest_path),
                "schedule": sched.to_string() or "none", "keep": list(sched.keep),
+               "predictor": result.manifest["predictor"],
                "validation": result.report.to_dict() if result.report else None}
     if quiet and not as_json:
         print(result.onnx_path)

@@ -29,3 +29,6 @@ Verbose = Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging on
 Seed = Annotated[int, typer.Option("--seed", help="Seed for every random choice.")]
 Shots = Annotated[int | None, typer.Option("--shots", help="Few-shot: at most this many images per class (seeded by --seed).")]
 Device = Annotated[str, typer.Option("--device", help="Where PyTorch runs: auto (CUDA if visible), cpu, cuda, cuda:N.")]
+AllowOtherWeights = Annotated[bool, typer.Option(
+    "--allow-other-weights",
+    help="Use a predictor/tokens made for other weights of this architecture anyway (recorded in the manifest).")]

@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from prtool.cli import options as o
-from prtool.cli.common import emit, setup, table
+from prtool.cli.common import check_inputs, check_output, check_schedule_syntax, dataset_note, emit, setup, table
 
 Rankings = Annotated[Path, typer.Option("--rankings", "-r", help="A rankings store made by `prtool rank`.")]
 
@@ -42,6 +42,7 @@ def rank(
     setup(quiet, verbose)
     import sys
 
+    check_output(out, "dir")
     from prtool.datasets import few_shot, load_dataset
     from prtool.jobs import default_rank_block, rank_dataset
     from prtool.models import load_clip
@@ -57,6 +58,7 @@ def rank(
                           command=rank_command(sys.argv[1:]), device=device)
     if result["rank"] != 0:
         return
+    result.update(dataset_note(dataset))
     emit(result, as_json, lambda r: print(
         f"ranked {r['images']} images into {r['out']} ({r['shards']} shards of {r['shard_size']}, "
         f"{r['verified_shards']} verified, {r['computed_shards']} computed now"
@@ -87,6 +89,9 @@ def train(
 ):
     """Train the Mix-MLP ranking predictor on golden rankings (Phase II). DDP under torchrun."""
     setup(quiet, verbose)
+    check_output(out, suffixes=(".safetensors",))
+    import json
+
     from prtool.datasets import load_dataset
     from prtool.jobs import train_from_store
     from prtool.models import load_clip
@@ -96,6 +101,8 @@ def train(
     dataset = load_dataset(data, split, image_root)
     cfg = PredictorTrainConfig(epochs, batch_size, lr, weight_decay, tau, val_fraction, seed)
     result = train_from_store(loaded, dataset, rankings, out, cfg, k_final, quiet=quiet, device=device)
+    meta = json.loads(out.with_suffix(".json").read_text())
+    result.update({k: meta[k] for k in ("parameters", "macs_per_image")}, **dataset_note(dataset))
     emit(result, as_json, lambda r: table(f"predictor -> {r['out']} ({r['parameters']:,} parameters, "
                                           f"{r['macs_per_image'] / 1e6:.2f} MMACs/image)", ["metric", "held-out value"],
                                           list(r["val_metrics"].items())))
@@ -121,6 +128,9 @@ def show(
 ):
     """Pictures: pruned patches greyed out per stage; golden vs predicted rows side by side."""
     setup(quiet, verbose)
+    check_output(out, suffixes=(".png",))
+    check_schedule_syntax(schedule)
+    check_inputs(predictor)
     from prtool.build import schedule_for
     from prtool.datasets import load_dataset
     from prtool.models import load_clip
@@ -130,4 +140,5 @@ def show(
     dataset = load_dataset(data, split, image_root)
     sched = schedule_for(loaded, schedule, keep_ratio, stages, first_block)
     result = render_show(loaded, dataset, sched, out, rankings, predictor, count)
+    result.update(dataset_note(dataset))
     emit(result, as_json, lambda r: print(f"wrote {r['out']} ({r['images']} images, rows: {', '.join(r['rows'])})"))

@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from prtool.cli import options as o
-from prtool.cli.common import emit, setup
+from prtool.cli.common import check_output, emit, setup
 
 app = typer.Typer(help="The testbed: Cluttered Fashion-MNIST and the small CLIP prtool trains on it.",
                   no_args_is_help=True)
@@ -32,6 +32,8 @@ def data(
 ):
     """Render Cluttered Fashion-MNIST canvases (same seed -> same bytes) to OUT/SPLIT.npz."""
     setup(quiet, verbose)
+    if not build_packs:
+        check_output(out, "dir")
     import numpy as np
     from PIL import Image
 
@@ -79,6 +81,7 @@ def train(
 ):
     """Train the testbed CLIP from scratch (about an hour on 2 CPU cores); resumes if interrupted."""
     setup(quiet, verbose)
+    check_output(out, suffixes=(".safetensors",))
     from prtool.testbed import spec
     from prtool.testbed.eval_set import write_reference
     from prtool.testbed.train import TrainConfig, train_testbed

@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from prtool.cli import options as o
-from prtool.cli.common import emit, setup, table
+from prtool.cli.common import check_inputs, check_output, check_schedule_syntax, dataset_note, emit, setup, table
 
 
 def tune(
@@ -36,20 +36,26 @@ def tune(
     kg_weight: Annotated[float, typer.Option("--kg-weight", help="Pull toward the zero-shot class embeddings (KgCoOp's lambda; 0 = plain CoOp).")] = 8.0,
     seed: o.Seed = 0,
     limit: o.Limit = None,
+    allow_other_weights: o.AllowOtherWeights = False,
     as_json: o.Json = False,
     quiet: o.Quiet = False,
     verbose: o.Verbose = False,
 ):
     """Learn text context + coupled visual tokens with CLIP and the predictor frozen, pruning on."""
     setup(quiet, verbose)
-    from prtool.build import EncoderSpec, schedule_for
+    check_output(out, suffixes=(".safetensors",))
+    check_schedule_syntax(schedule)
+    check_inputs(predictor)
+    from prtool.build import EncoderSpec, resolve_predictor, schedule_for
     from prtool.datasets import few_shot, load_dataset
     from prtool.models import load_clip
     from prtool.prompts import resolve_n_ctx
     from prtool.tune import TuneConfig, evaluate_tuned, save_tuned, tune_tokens
 
     loaded = load_clip(model, pretrained)
-    spec = EncoderSpec(schedule_for(loaded, schedule, keep_ratio, stages, first_block), scorer, predictor, seed=seed)
+    sched = schedule_for(loaded, schedule, keep_ratio, stages, first_block)
+    spec = EncoderSpec(sched, scorer, resolve_predictor(loaded, sched, scorer, predictor), seed=seed,
+                       allow_other_weights=allow_other_weights)
     train = few_shot(load_dataset(data, split, image_root), shots, seed)
     n_ctx = resolve_n_ctx(n_ctx, loaded.model, loaded.tokenizer(), train.class_synonyms)
     cfg = TuneConfig(n_ctx, mode, shots, epochs, batch_size, lr, init=init, seed=seed, kg_weight=kg_weight)
@@ -59,7 +65,7 @@ def tune(
     save_tuned(learner, out, loaded, spec, cfg, train.classnames, metrics, train.class_synonyms)
     result = {"out": str(out), "schedule": spec.schedule.to_string() or "none", "mode": mode, "n_ctx": n_ctx,
               "train_images": len(train), **{k: v for k, v in metrics.items() if k != "history"},
-              "final_epoch": metrics["history"][-1] if metrics["history"] else None}
+              "final_epoch": metrics["history"][-1] if metrics["history"] else None, **dataset_note(train)}
     emit(result, as_json, lambda r: table(f"tokens -> {r['out']}", ["schedule", "mode", "n_ctx", "eval top-1"],
                                           [(r["schedule"], r["mode"], r["n_ctx"], r.get("eval", {}).get("top1"))]))
 
@@ -70,15 +76,18 @@ def export_text(
     pretrained: o.Pretrained = None,
     tokens: Annotated[Path | None, typer.Option("--tokens", help="Learned context from `prtool tune`.")] = None,
     opset: Annotated[int, typer.Option("--opset")] = 18,
+    allow_other_weights: o.AllowOtherWeights = False,
     as_json: o.Json = False,
     quiet: o.Quiet = False,
     verbose: o.Verbose = False,
 ):
     """Export the text encoder (with the learned context) so consumers embed new class names."""
     setup(quiet, verbose)
+    check_output(out, suffixes=(".onnx",))
+    check_inputs(tokens=tokens)
     from prtool.models import load_clip
     from prtool.text_export import export_text as run
 
     loaded = load_clip(model, pretrained)
-    result = run(loaded, out, tokens, opset=opset)
+    result = run(loaded, out, tokens, opset=opset, allow_other_weights=allow_other_weights)
     emit(result, as_json, lambda r: print(f"wrote {r['onnx']} (n_ctx {r['n_ctx']}, max abs diff vs PyTorch {r['max_abs']:.1e})"))

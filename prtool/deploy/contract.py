@@ -49,8 +49,9 @@ def worked_example(pretrained: str | None = None, seed: int = 0) -> dict:
     schedule = schedule_for(loaded, keep_ratio=DEMO_KEEP_RATIO, stages=DEMO_STAGES)
     scorer, predictor = demo_scorer()
     unpruned, _ = build_pruned_encoder(loaded, EncoderSpec(schedule_for(loaded, "none")), normalize=True)
-    pruned, _ = build_pruned_encoder(loaded, EncoderSpec(schedule, scorer, predictor), normalize=True,
-                                     return_indices=True)
+    # random weights make a placeholder example: the shipped predictor is used on them knowingly
+    spec_p = EncoderSpec(schedule, scorer, predictor, allow_other_weights=loaded.pretrained == "none")
+    pruned, _ = build_pruned_encoder(loaded, spec_p, normalize=True, return_indices=True)
     with torch.no_grad():
         emb_u = unpruned(pixels)[0].numpy()
         emb_p, kept = (t[0].numpy() for t in pruned(pixels))

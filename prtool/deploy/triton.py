@@ -63,12 +63,10 @@ def _external_data(onnx_path: Path) -> list[Path]:
 
 
 def _onnx_model(path: Path, name: str, max_batch: int | None) -> TritonModel:
-    from prtool.manifest import read_manifest_for
+    from prtool.manifest import checked_manifest
     from prtool.onnx_graph import io_shapes, load_onnx
 
-    manifest = read_manifest_for(path)
-    if manifest is None:
-        raise PrtoolError(f"{path} has no manifest {path.with_suffix('.json').name}: export it with `prtool export`")
+    manifest = checked_manifest(path)
     graph = io_shapes(load_onnx(path))
     declared = [(t["name"], t["shape"][1:]) for t in manifest["inputs"] + manifest["outputs"]]
     actual = [(t["name"], t["shape"][1:]) for t in graph["inputs"] + graph["outputs"]]
@@ -150,6 +148,7 @@ def package_triton(artifacts: list[Path], out_dir: Path, name: str | None = None
                    max_batch: int | None = None) -> list[dict]:
     """Write one Triton model folder per artifact (an .onnx and/or a .plan/.engine) into ``out_dir``."""
     from prtool.deploy.engine_manifest import ENGINE_SUFFIXES, engine_manifest_path
+    from prtool.manifest import manifest_path_for
 
     artifacts = [Path(a) for a in artifacts]
     onnx = [a for a in artifacts if a.suffix == ".onnx"]
@@ -159,8 +158,8 @@ def package_triton(artifacts: list[Path], out_dir: Path, name: str | None = None
         raise PrtoolError("pass one .onnx and/or one engine (.plan/.engine)"
                           + (f"; not {', '.join(map(str, other))}" if other else ""))
     for a in artifacts:
-        if not a.exists():
-            raise PrtoolError(f"{a} does not exist")
+        if not a.is_file():
+            raise PrtoolError(f"{a} does not exist" + (" as a file (it is a directory)" if a.is_dir() else ""))
     base = name or artifacts[0].stem
     both = bool(onnx and plans)
     models = []
@@ -184,7 +183,7 @@ def package_triton(artifacts: list[Path], out_dir: Path, name: str | None = None
             shutil.copy2(m.source, folder / "1" / f"model.{'onnx' if m.kind == 'onnx' else 'plan'}")
             for f in m.extra_files:
                 shutil.copy2(f, folder / "1" / f.name)
-            side = engine_manifest_path(m.source) if m.kind == "trt" else m.source.with_suffix(".json")
+            side = engine_manifest_path(m.source) if m.kind == "trt" else manifest_path_for(m.source)
             shutil.copy2(side, folder / "prtool_manifest.json")
             (folder / "config.pbtxt").write_text(config_pbtxt(m))
             (folder / "README.md").write_text(readme(m, out_dir))

@@ -105,13 +105,11 @@ def _open_artifact(path: Path, provider: str, precision: str | None):
     if path.suffix != ".onnx":
         raise PrtoolError(f"{path} is neither an ONNX file (.onnx) nor an engine ({', '.join(ENGINE_SUFFIXES)})")
     from prtool.deploy.ort_gpu import OrtRunner
-    from prtool.manifest import read_manifest_for
+    from prtool.manifest import checked_manifest
 
-    if not path.exists():
-        raise PrtoolError(f"ONNX file {path} does not exist")
-    manifest = read_manifest_for(path)
-    if manifest is None:
-        raise PrtoolError(f"{path} has no manifest {path.with_suffix('.json').name}: export it with `prtool export`")
+    if not path.is_file():
+        raise PrtoolError(f"ONNX file {path} does not exist" + (" (it is a directory)" if path.is_dir() else ""))
+    manifest = checked_manifest(path)
     mixed = (manifest.get("mixed_precision") or {}).get("type")  # its own types decide: no provider lowering
     precision = precision or mixed or "fp32"
     runner = OrtRunner(path, provider, "fp32" if mixed else precision,
@@ -121,7 +119,7 @@ def _open_artifact(path: Path, provider: str, precision: str | None):
 
 def validate_artifact(path: Path, provider: str = "cpu", precision: str | None = None, pretrained: str | None = None,
                       predictor: Path | None = None, images: Path | None = None, batch_size: int = 7,
-                      tolerance_overrides: dict | None = None) -> dict:
+                      tolerance_overrides: dict | None = None, tokens: Path | None = None) -> dict:
     """Validate an engine (.plan/.engine, on TensorRT) or an ONNX file (on ``provider``) against PyTorch.
 
     Tolerances are the artifact's precision preset, with ``tolerance_overrides`` (``atol``, ``rtol``,
@@ -140,7 +138,7 @@ def validate_artifact(path: Path, provider: str = "cpu", precision: str | None =
                           "--max-batch >= 2")
     if hi is not None:
         batch_size = min(batch_size, hi)
-    rebuilt = rebuild_encoder(manifest, pretrained, predictor)
+    rebuilt = rebuild_encoder(manifest, pretrained, predictor, tokens)
     tol = replace(PRECISION_TOLERANCES[precision], **(tolerance_overrides or {}))
     pixels, source = validation_images(images, rebuilt.loaded.preprocess, batch_size)
     report = compare_runner(runner.infer, rebuilt.encoder, pixels, rebuilt.output_names, tol, batch_one=lo <= 1)
