@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from prtool.errors import PrtoolError
@@ -29,10 +29,21 @@ class EncoderSpec:
     predictor_path: Path | None = None
     gather: str = "flat"
     seed: int = 0
+    merge: dict | None = None  # rank-and-merge design (target, attention, merge_op); None = the shipped default
 
     def to_dict(self) -> dict:
-        return {"schedule": self.schedule.to_dict(), "scorer": self.scorer if not self.schedule.is_empty else None,
-                "predictor": str(self.predictor_path) if self.predictor_path else None, "gather": self.gather}
+        out = {"schedule": self.schedule.to_dict(), "scorer": self.scorer if not self.schedule.is_empty else None,
+               "predictor": str(self.predictor_path) if self.predictor_path else None, "gather": self.gather}
+        if self.merge:
+            out["merge"] = dict(self.merge)
+        return out
+
+
+def ranker_of(scorer: str) -> str:
+    """The scorer that ranks patches for ``scorer`` (``patch-ranking-merge`` -> ``predictor``)."""
+    from prtool.rank_merge import MERGE_METHODS
+
+    return MERGE_METHODS.get(scorer, scorer)
 
 
 def tower_geometry(loaded: LoadedModel) -> tuple[int, int, int]:
@@ -69,13 +80,21 @@ def make_scorer(loaded: LoadedModel, spec: EncoderSpec) -> tuple[PatchScorer | N
         return GoldenScorer(), None
     if spec.scorer == "brightness":
         return BrightnessScorer(), None
-    raise PrtoolError(f"unknown scorer {spec.scorer!r}: use predictor, cls-attn, evit, tome, random, golden or brightness")
+    raise PrtoolError(f"unknown scorer {spec.scorer!r}: use predictor, cls-attn, evit, tome, patch-ranking-merge, "
+                      "cls-attn-merge, random, golden or brightness")
 
 
 def build_pruned_encoder(loaded: LoadedModel, spec: EncoderSpec, normalize: bool = True,
                          return_indices: bool = False, visual_prompts=None) -> tuple[PrunedVisionTransformer, dict | None]:
     from prtool.peers import PEERS
+    from prtool.rank_merge import MERGE_METHODS, RankMergeVisionTransformer
 
+    if spec.scorer in MERGE_METHODS and not spec.schedule.is_empty:
+        scorer, meta = make_scorer(loaded, replace(spec, scorer=MERGE_METHODS[spec.scorer]))
+        enc = RankMergeVisionTransformer(loaded.visual, spec.schedule, scorer, gather=spec.gather, normalize=normalize,
+                                         return_indices=return_indices, visual_prompts=visual_prompts,
+                                         **(spec.merge or {}))
+        return enc.eval(), meta
     if spec.scorer in PEERS and not spec.schedule.is_empty:
         if return_indices:
             raise PrtoolError(f"{spec.scorer} merges or fuses tokens: it has no kept_patch_indices output")
