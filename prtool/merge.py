@@ -58,12 +58,14 @@ def fuse(tokens: torch.Tensor, size: torch.Tensor) -> tuple[torch.Tensor, torch.
     return (tokens * size.unsqueeze(-1)).sum(1, keepdim=True) / total.unsqueeze(-1), total
 
 
-def proportional_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_size: torch.Tensor) -> torch.Tensor:
+def proportional_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_size: torch.Tensor,
+                           head_dim: int | None = None) -> torch.Tensor:
     """``softmax(q k^T / sqrt(hd) + log_size) v``: ``q, k, v`` ``[B, H, T, hd]``, ``log_size`` ``[B, 1, 1, T]``.
 
-    The bias broadcasts over heads and queries: no ``[B * H, T, T]`` mask is materialised.
+    The bias broadcasts over heads and queries: no ``[B * H, T, T]`` mask is materialised. Pass
+    ``head_dim`` as a Python int when tracing (the scale is then a constant).
     """
-    logits = (q * (1.0 / math.sqrt(q.shape[-1]))) @ k.transpose(-1, -2) + log_size
+    logits = (q * (1.0 / math.sqrt(head_dim or q.shape[-1]))) @ k.transpose(-1, -2) + log_size
     return torch.softmax(logits, dim=-1) @ v
 
 

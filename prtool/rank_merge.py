@@ -36,15 +36,14 @@ def attention_block(blk: nn.Module, x: torch.Tensor, log_size: torch.Tensor, sdp
     on every key's logit, computed from the block's own weights (same result as ``blk(x, attn_mask=
     expanded_mask(size))``)."""
     attn = blk.attn
-    t, d = x.shape[1], x.shape[2]
-    heads = attn.num_heads
+    heads, hd = attn.num_heads, attn.head_dim  # Python ints: constants in the exported graph
     qkv = F.linear(blk.ln_1(x), attn.in_proj_weight, attn.in_proj_bias)  # [B, T, 3D]
-    q, k, v = qkv.reshape(-1, t, 3, heads, d // heads).permute(2, 0, 3, 1, 4).unbind(0)  # 3 x [B, H, T, hd]
+    q, k, v = qkv.unflatten(-1, (3, heads, hd)).permute(2, 0, 3, 1, 4).unbind(0)  # 3 x [B, H, T, hd]
     if sdpa:
         o = F.scaled_dot_product_attention(q, k, v, attn_mask=log_size)
     else:
-        o = proportional_attention(q, k, v, log_size)
-    o = attn.out_proj(o.transpose(1, 2).reshape(-1, t, d))
+        o = proportional_attention(q, k, v, log_size, hd)
+    o = attn.out_proj(o.transpose(1, 2).flatten(2))
     x = x + blk.ls_1(o)
     return x + blk.ls_2(blk.mlp(blk.ln_2(x)))
 
