@@ -144,9 +144,16 @@ def plot_accuracy_vs_flops(result: dict, path: Path) -> None:
     ax.set_ylabel("zero-shot top-1 %")
     ax.set_title(f"{result['model']['model']} on {result['dataset']}/{result['split']}")
     ax.legend(fontsize=8)
+    save_figure(fig, path, dpi=120)
+
+
+def save_figure(fig, path: Path, dpi: int = 120) -> None:
+    """Write a matplotlib figure atomically (a temporary file renamed into place) and close it."""
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     tmp = Path(path).with_name(f".{Path(path).name}.tmp.png")
-    fig.savefig(tmp, dpi=120)
+    fig.savefig(tmp, dpi=dpi)
     plt.close(fig)
     tmp.replace(path)
 

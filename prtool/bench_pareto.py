@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from prtool.bench_accuracy import save_figure
 from prtool.build import EncoderSpec, build_pruned_encoder, schedule_for
 from prtool.errors import PrtoolError
 from prtool.evaluate import evaluate_zero_shot, text_classifier
@@ -132,11 +133,49 @@ def _attach(rows: list[dict], hits: dict, lat: dict) -> None:
         r["ideal_speedup"] = base_gflops / r["gflops"]
     by = {(r["method"], r["schedule"]): r for r in rows}
     for r in rows:
-        for ref in ("patch-ranking", "tome"):
+        for ref in ("patch-ranking", "tome", "patch-ranking-merge"):
             other = by.get((ref, r["schedule"]))
             if other is not None and other is not r:
                 diff, se = paired_difference(hits[(r["method"], r["schedule"])], hits[(ref, r["schedule"])])
                 r[f"vs_{ref}"] = {"top1_diff": diff, "se": se, "speedup_ratio": r["speedup"] / other["speedup"]}
+
+
+def load_report(path: Path) -> dict:
+    """A ``pareto.json`` written by ``prtool bench pareto``."""
+    import json
+
+    try:
+        result = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as exc:
+        raise PrtoolError(f"cannot read pareto report {path} ({exc.__class__.__name__}): pass a pareto.json "
+                          "written by `prtool bench pareto`") from None
+    if not isinstance(result, dict) or "rows" not in result or "front" not in result:
+        raise PrtoolError(f"{path} is not a pareto report: pass a pareto.json written by `prtool bench pareto`")
+    return result
+
+
+def combine_results(results: list[dict]) -> dict:
+    """One report from several ``bench pareto`` runs of the same model and images (e.g. one run per
+    budget, each timed against its own unpruned export): rows concatenated, one unpruned row kept,
+    the front recomputed. Each row keeps the index of the run that timed it."""
+    if not results:
+        raise PrtoolError("nothing to combine: pass --combine with pareto.json files")
+    first = results[0]
+    for r in results[1:]:
+        if (r["model"], r["dataset"], r["split"], r["images"], r["batch"]) != \
+                (first["model"], first["dataset"], first["split"], first["images"], first["batch"]):
+            raise PrtoolError("--combine needs runs of one model, dataset, split, image count and batch size")
+    rows, seen = [], set()
+    for i, res in enumerate(results):
+        for row in res["rows"]:
+            key = (row["method"], row["schedule"])
+            if key not in seen:
+                seen.add(key)
+                rows.append({**row, "run": i})
+    out = {**first, "rows": rows, "front": pareto_front(rows), "runs": len(results),
+           "iters": min(r["iters"] for r in results)}
+    out["backend"] = f"{first['backend']}, one interleaved run per budget"
+    return out
 
 
 def pareto_front(rows: list[dict]) -> list[str]:
@@ -155,7 +194,7 @@ def _label(r: dict) -> str:
 
 def markdown_table(result: dict) -> str:
     head = ["method", "schedule", "keep", "top-1 %", "GFLOPs", "p50 ms", "speedup", "ideal", "front",
-            "Δ top-1 vs ToMe (paired SE)", "speedup / ToMe's", "Δ top-1 vs Patch Ranking"]
+            "Δ top-1 vs ToMe (paired SE)", "speedup / ToMe's", "Δ top-1 vs Patch Ranking", "Δ top-1 vs rank-and-merge"]
     front = set(result["front"])
     lines = [f"Zero-shot top-1 on {result['dataset']}/{result['split']} ({result['images']} images) from the ONNX "
              f"exports, model {result['model']['model']} ({result['model']['pretrained']}); latency "
@@ -163,14 +202,15 @@ def markdown_table(result: dict) -> str:
              f"({result['iters']} iterations after {result['warmup']} warm-up).", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in result["rows"]:
-        t, p = r.get("vs_tome"), r.get("vs_patch-ranking")
+        t, p, m = r.get("vs_tome"), r.get("vs_patch-ranking"), r.get("vs_patch-ranking-merge")
         top1 = f"{r['top1']:.2f}" + (" (torch)" if r.get("accuracy_backend") == "torch" else "")
         lines.append("| " + " | ".join([
             r["method"], r["schedule"], str(r["keep"]), top1, f"{r['gflops']:.3f}", f"{r['p50_ms']:.1f}",
             f"{r['speedup']:.2f}" + (f" (= {r['timed_by']})" if r.get("timed_by") else ""),
             f"{r['ideal_speedup']:.2f}", "**yes**" if _label(r) in front else "",
             f"{t['top1_diff']:+.2f} ± {t['se']:.2f}" if t else "-", f"{t['speedup_ratio']:.3f}" if t else "-",
-            f"{p['top1_diff']:+.2f} ± {p['se']:.2f}" if p else "-"]) + " |")
+            f"{p['top1_diff']:+.2f} ± {p['se']:.2f}" if p else "-",
+            f"{m['top1_diff']:+.2f} ± {m['se']:.2f}" if m else "-"]) + " |")
     lines += ["", "Front: no other point is both faster and more accurate. Rows marked (torch) cannot be exported "
               "(random or oracle ranking): scored in PyTorch, timed by the patch-ranking-merge export of the same "
               "budget. ± is the standard error of the per-image paired difference."]
@@ -200,8 +240,4 @@ def plot_pareto(result: dict, path: Path) -> None:
     ax.set_title(f"{result['model']['model']} on {result['dataset']}/{result['split']}: accuracy vs latency")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    tmp = Path(path).with_name(f".{Path(path).name}.tmp.png")
-    fig.savefig(tmp, dpi=130)
-    plt.close(fig)
-    tmp.replace(path)
+    save_figure(fig, path, dpi=130)

@@ -2,10 +2,13 @@
 
 At the first stage block the scorer ranks all N patches with one ``TopK(K = N, sorted)``: the first
 ``k_1`` are kept, the rest dropped, from one node. At every stage ``j`` the patch tokens past
-``k_j`` (a static slice of the ranked order) merge into the first ``k_j`` (``prtool.merge``): each
-into its most similar kept token (cosine of the tokens themselves by default, ``target="keys"``:
-of the stage block's keys), size-weighted; ``target="fused"`` instead keeps ``k_j - 1`` and fuses
-the rest into one token. Token sizes are carried, and every block after the first stage applies
+``k_j`` (a static slice of the ranked order) are merged, not discarded (``prtool.merge``). The
+shipped design (``target="fused"``) keeps the first ``k_j - 1`` and fuses the rest, the previous
+stage's fused token included, into one size-weighted token at the end; ``target="tokens"``
+merges each into its most similar kept token (cosine of the tokens; ``"keys"``: of the stage
+block's keys). On the testbed the three score alike (benchmarks/README.md) and ``fused`` is the
+cheapest graph (no similarity, ArgMax or one-hot). Token sizes are carried, and every block after
+the first stage applies
 proportional attention (``+log size`` on each key's logit, as ToMe does): that, not the merged
 values, is what keeps the accuracy. The attention is written out from each open_clip block's own
 ``in_proj`` / ``out_proj`` weights with a ``[B, 1, 1, T]`` bias, so the export holds no
@@ -27,7 +30,7 @@ from prtool.pruned import PrunedVisionTransformer, gather_tokens
 # Method name -> the ranker behind it. ``patch-ranking-merge`` is the exportable method.
 MERGE_METHODS = {"patch-ranking-merge": "predictor", "cls-attn-merge": "cls-attn", "random-merge": "random",
                  "golden-merge": "golden"}
-TARGETS = ("tokens", "keys", "fused")
+TARGETS = ("fused", "tokens", "keys")
 ATTENTIONS = ("explicit", "sdpa", "mask", "none")
 
 
@@ -51,7 +54,7 @@ def attention_block(blk: nn.Module, x: torch.Tensor, log_size: torch.Tensor, sdp
 class RankMergeVisionTransformer(PrunedVisionTransformer):
     """``forward(pixels [B, 3, H, W]) -> embeds [B, E]`` (and ``kept [B, k_final]``): see the module doc.
 
-    ``target`` picks merge targets (``tokens``, ``keys``, ``fused``), ``attention`` how proportional
+    ``target`` picks merge targets (``fused``, ``tokens``, ``keys``), ``attention`` how proportional
     attention is computed (``explicit``, ``sdpa``, ``mask``; ``none`` is the ablation without it),
     ``merge_op`` how the size-weighted sums are formed (``onehot`` matmul or ``scatter`` add).
     """
@@ -59,7 +62,7 @@ class RankMergeVisionTransformer(PrunedVisionTransformer):
     method = "rank-merge"
 
     def __init__(self, visual, schedule, scorer=None, gather: str = "flat", normalize: bool = False,
-                 return_indices: bool = False, visual_prompts=None, target: str = "tokens",
+                 return_indices: bool = False, visual_prompts=None, target: str = "fused",
                  attention: str = "explicit", merge_op: str = "onehot"):
         super().__init__(visual, schedule, scorer, gather=gather, normalize=normalize,
                          return_indices=return_indices, visual_prompts=visual_prompts)

@@ -177,29 +177,35 @@ def pareto(
     batch: Annotated[int, typer.Option("--batch", help="Batch size of the latency runs.")] = 32,
     warmup: Annotated[int, typer.Option("--warmup")] = 3,
     iters: Annotated[int, typer.Option("--iters", help="Timed interleaved iterations (>= 20 recommended).")] = 20,
+    combine: Annotated[str | None, typer.Option("--combine", help="Comma-separated pareto.json files of earlier runs (e.g. one per budget): report them as one, measuring nothing.")] = None,
     as_json: o.Json = False,
     quiet: o.Quiet = False,
     verbose: o.Verbose = False,
 ):
     """Top-1 (from the ONNX exports) vs measured speedup of each method over a grid of budgets, with the Pareto front."""
     setup(quiet, verbose)
-    from prtool.bench_pareto import bench_pareto, markdown_table, parse_budgets, plot_pareto
+    from prtool import bench_pareto as bp
     from prtool.datasets import load_dataset
     from prtool.envinfo import collect_env
     from prtool.manifest import write_json_atomic
     from prtool.models import load_clip
     from prtool.testbed import spec as tbspec
 
-    loaded = load_clip(model, pretrained)
-    if predictor is None and model == "testbed" and tbspec.PREDICTOR_PATH.exists():
-        predictor = tbspec.PREDICTOR_PATH
-    dataset = load_dataset(data, split, image_root).limit(limit)
-    scheds = parse_budgets(loaded, budgets, first_block)
+    if combine:
+        result = bp.combine_results([bp.load_report(Path(f.strip())) for f in combine.split(",") if f.strip()])
+    else:
+        loaded = load_clip(model, pretrained)
+        if predictor is None and model == "testbed" and tbspec.PREDICTOR_PATH.exists():
+            predictor = tbspec.PREDICTOR_PATH
+        dataset = load_dataset(data, split, image_root).limit(limit)
+        scheds = bp.parse_budgets(loaded, budgets, first_block)
+        out.mkdir(parents=True, exist_ok=True)
+        result = bp.bench_pareto(loaded, dataset, scheds, [m.strip() for m in methods.split(",") if m.strip()],
+                              predictor, rankings, [int(s) for s in seeds.split(",")], batch, warmup, iters,
+                              workdir=out / "onnx")
+        result["environment"] = collect_env()
     out.mkdir(parents=True, exist_ok=True)
-    result = bench_pareto(loaded, dataset, scheds, [m.strip() for m in methods.split(",") if m.strip()], predictor,
-                          rankings, [int(s) for s in seeds.split(",")], batch, warmup, iters, workdir=out / "onnx")
-    result["environment"] = collect_env()
     write_json_atomic(out / "pareto.json", result)
-    (out / "pareto.md").write_text(markdown_table(result))
-    plot_pareto(result, out / "pareto.png")
-    emit(result, as_json, lambda r: print(markdown_table(r) + f"\nreport in {out}/pareto.md, plot {out}/pareto.png"))
+    (out / "pareto.md").write_text(bp.markdown_table(result))
+    bp.plot_pareto(result, out / "pareto.png")
+    emit(result, as_json, lambda r: print(bp.markdown_table(r) + f"\nreport in {out}/pareto.md, plot {out}/pareto.png"))
