@@ -107,3 +107,24 @@ def test_reference_evaluator_runs_the_merge_export(tiny, tmp_path, tiny_pixels):
     enc, _ = build_pruned_encoder(tiny, spec)
     with torch.no_grad():
         assert np.abs(emb - enc(tiny_pixels[:2]).numpy()).max() <= 1e-4
+
+
+def test_prtool_validate_rebuilds_a_merge_export_from_its_manifest(tiny, tmp_path):
+    from safetensors.torch import save_file
+
+    from prtool.deploy.verify import validate_artifact
+    from prtool.export import ExportOptions, export_onnx
+    from prtool.models import load_clip
+    from prtool.predictor import PredictorConfig, RankingPredictor, save_predictor
+
+    ckpt = tmp_path / "tiny.safetensors"
+    save_file({k: v.clone().contiguous() for k, v in tiny.model.state_dict().items()}, str(ckpt))
+    loaded = load_clip("prtool-tiny", str(ckpt))
+    torch.manual_seed(5)
+    pred = tmp_path / "pred.safetensors"
+    save_predictor(RankingPredictor(PredictorConfig(64, 32)), pred, {"model_id": loaded.model_id, "rank_block": 1})
+    spec = EncoderSpec(schedule_for(loaded, "1:16,2:16"), "patch-ranking-merge", pred, merge={"target": "tokens"})
+    res = export_onnx(loaded, spec, tmp_path / "m.onnx", ExportOptions(validate=False))
+    assert json.loads(res.manifest_path.read_text())["merge"] == {"target": "tokens"}
+    out = validate_artifact(res.onnx_path, pretrained=str(ckpt))
+    assert out["passed"], out["validation"]["checks"]

@@ -63,7 +63,7 @@ def _same(a, b) -> bool:
 
 def rebuild_encoder(manifest: dict, pretrained: str | None = None, predictor: Path | None = None) -> Rebuilt:
     """The fp32 PyTorch encoder described by an ONNX manifest (``pretrained``/``predictor`` override paths)."""
-    from prtool.build import EncoderSpec, build_pruned_encoder, schedule_for
+    from prtool.build import EncoderSpec, build_pruned_encoder, ranker_of, schedule_for
     from prtool.models import load_clip
 
     if not isinstance(manifest, dict) or manifest.get("kind") != ONNX_KIND:
@@ -81,9 +81,9 @@ def rebuild_encoder(manifest: dict, pretrained: str | None = None, predictor: Pa
     schedule = schedule_for(loaded, manifest["schedule"]["string"] or "none")
     scorer = manifest.get("scorer") or "predictor"
     pred_path = None
-    if not schedule.is_empty and scorer == "predictor":
+    if not schedule.is_empty and ranker_of(scorer) == "predictor":
         pred_path = _predictor(manifest, predictor)
-    spec = EncoderSpec(schedule, scorer, pred_path, manifest.get("gather", "flat"))
+    spec = EncoderSpec(schedule, scorer, pred_path, manifest.get("gather", "flat"), merge=manifest.get("merge"))
     outputs = [o["name"] for o in manifest["outputs"]]
     encoder, meta = build_pruned_encoder(loaded, spec, normalize=manifest["outputs"][0].get("l2_normalized", True),
                                          return_indices=len(outputs) > 1)
