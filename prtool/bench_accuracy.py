@@ -2,7 +2,9 @@
 
 Methods: ``none`` (unpruned), ``patch-ranking`` (the trained predictor), ``golden`` (the oracle,
 from a rankings store of the evaluated split), ``random`` (mean over seeds), ``cls-attn``,
-``evit`` and ``tome`` (prtool.peers), ``brightness`` (a pixel heuristic). Each row reports zero-shot top-1/top-5, the mean cosine to the
+``evit`` and ``tome`` (prtool.peers), ``brightness`` (a pixel heuristic), and rank-and-merge
+(``patch-ranking-merge``; ``golden-merge``, ``random-merge``, ``cls-attn-merge``: the same merge
+behind the other rankers, prtool.rank_merge). Each row reports zero-shot top-1/top-5, the mean cosine to the
 unpruned embedding, top-1 agreement with the unpruned prediction, and analytic GFLOPs.
 """
 
@@ -22,9 +24,11 @@ from prtool.stats import mean_and_stderr, paired_difference
 
 log = logging.getLogger(__name__)
 
-METHODS = ("none", "patch-ranking", "golden", "random", "cls-attn", "evit", "tome", "brightness")
+METHODS = ("none", "patch-ranking", "golden", "random", "cls-attn", "evit", "tome", "brightness",
+           "patch-ranking-merge", "golden-merge", "random-merge", "cls-attn-merge")
 _SCORER = {"patch-ranking": "predictor", "golden": "golden", "random": "random", "cls-attn": "cls-attn",
-           "evit": "evit", "tome": "tome", "brightness": "brightness"}
+           "evit": "evit", "tome": "tome", "brightness": "brightness", "patch-ranking-merge": "patch-ranking-merge",
+           "golden-merge": "golden-merge", "random-merge": "random-merge", "cls-attn-merge": "cls-attn-merge"}
 
 
 def bench_accuracy(loaded, dataset, schedules: list[Schedule], methods: list[str], predictor: Path | None = None,
@@ -32,10 +36,12 @@ def bench_accuracy(loaded, dataset, schedules: list[Schedule], methods: list[str
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         raise PrtoolError(f"unknown methods {unknown}: choose from {', '.join(METHODS)}")
-    if "patch-ranking" in methods and predictor is None:
-        raise PrtoolError("method patch-ranking needs --predictor FILE")
-    if "golden" in methods and rankings is None:
-        raise PrtoolError("method golden needs --rankings DIR (rankings of the evaluated split)")
+    for m in ("patch-ranking", "patch-ranking-merge"):
+        if m in methods and predictor is None:
+            raise PrtoolError(f"method {m} needs --predictor FILE")
+    for m in ("golden", "golden-merge"):
+        if m in methods and rankings is None:
+            raise PrtoolError(f"method {m} needs --rankings DIR (rankings of the evaluated split)")
     class_emb = text_classifier(loaded, dataset)
     # The unpruned row is always measured: it anchors every comparison.
     empty = Schedule((), schedules[0].num_patches, schedules[0].depth)
@@ -49,16 +55,17 @@ def bench_accuracy(loaded, dataset, schedules: list[Schedule], methods: list[str
         for method in methods:
             if method == "none":
                 continue
-            spec_seeds = seeds if method == "random" else [0]
+            spec_seeds = seeds if method in ("random", "random-merge") else [0]
+            pred = predictor if method.startswith("patch-ranking") else None
             results, seed_hits = [], []
             for seed in spec_seeds:
-                spec = EncoderSpec(sched, _SCORER[method], predictor if method == "patch-ranking" else None, seed=seed)
+                spec = EncoderSpec(sched, _SCORER[method], pred, seed=seed)
                 log.info("%s at %s (seed %d)", method, sched.to_string(), seed)
                 results.append(evaluate_zero_shot(loaded, dataset, spec, class_emb=class_emb, batch_size=batch_size,
-                                                  rankings=rankings if method == "golden" else None, hits_out=seed_hits))
+                                                  rankings=rankings if method.startswith("golden") else None,
+                                                  hits_out=seed_hits))
             hits[(method, sched.to_string())] = np.mean(seed_hits, axis=0)  # per image; mean over seeds
-            enc, _ = build_pruned_encoder(loaded, EncoderSpec(sched, _SCORER[method],
-                                                              predictor if method == "patch-ranking" else None))
+            enc, _ = build_pruned_encoder(loaded, EncoderSpec(sched, _SCORER[method], pred))
             rows.append(_row(method, sched, _merge(results), encoder_cost(enc), seeds=list(spec_seeds)))
     _add_paired(rows, hits)
     return {"model": loaded.model_id, "dataset": dataset.name, "split": dataset.split, "images": len(dataset),
@@ -137,9 +144,16 @@ def plot_accuracy_vs_flops(result: dict, path: Path) -> None:
     ax.set_ylabel("zero-shot top-1 %")
     ax.set_title(f"{result['model']['model']} on {result['dataset']}/{result['split']}")
     ax.legend(fontsize=8)
+    save_figure(fig, path, dpi=120)
+
+
+def save_figure(fig, path: Path, dpi: int = 120) -> None:
+    """Write a matplotlib figure atomically (a temporary file renamed into place) and close it."""
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     tmp = Path(path).with_name(f".{Path(path).name}.tmp.png")
-    fig.savefig(tmp, dpi=120)
+    fig.savefig(tmp, dpi=dpi)
     plt.close(fig)
     tmp.replace(path)
 

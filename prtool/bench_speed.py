@@ -25,9 +25,10 @@ from prtool.timing import cuda_event_clock, interleaved_latency, wall_clock
 
 log = logging.getLogger(__name__)
 
-VARIANTS = ("baseline", "patch-ranking", "static", "cls-attn", "evit", "tome")
+VARIANTS = ("baseline", "patch-ranking", "static", "cls-attn", "evit", "tome", "patch-ranking-merge", "cls-attn-merge")
 BACKENDS = ("torch", "onnxruntime", "onnxruntime-cuda", "tensorrt")
-_SCORER = {"patch-ranking": "predictor", "static": "static", "cls-attn": "cls-attn", "evit": "evit", "tome": "tome"}
+_SCORER = {"patch-ranking": "predictor", "static": "static", "cls-attn": "cls-attn", "evit": "evit", "tome": "tome",
+           "patch-ranking-merge": "patch-ranking-merge", "cls-attn-merge": "cls-attn-merge"}
 
 
 def _runner(backend: str, encoder, onnx_path: Path | None, device: torch.device, batch_sizes: list[int] | None = None,
@@ -118,7 +119,7 @@ def bench_speed(loaded, schedule_text: str | None, keep_ratio: float | None, sta
     specs = {"baseline": EncoderSpec(schedule_for(loaded, "none"))}
     for v in variants:
         if v != "baseline":
-            specs[v] = EncoderSpec(sched, _SCORER[v], predictor if v == "patch-ranking" else None)
+            specs[v] = EncoderSpec(sched, _SCORER[v], predictor if v.startswith("patch-ranking") else None)
     encoders, costs = {}, {}
     for name, spec in specs.items():
         encoders[name], _ = build_pruned_encoder(loaded, spec)

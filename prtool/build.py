@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from prtool.errors import PrtoolError
@@ -31,18 +31,28 @@ class EncoderSpec:
     gather: str = "flat"
     seed: int = 0
     allow_other_weights: bool = False  # a predictor/tokens made for other weights of this architecture
+    merge: dict | None = None  # rank-and-merge design (target, attention, merge_op); None = the shipped default
 
     @property
     def untrained_predictor(self) -> bool:
-        return not self.schedule.is_empty and self.scorer == "predictor" and self.predictor_path is None
+        return not self.schedule.is_empty and ranker_of(self.scorer) == "predictor" and self.predictor_path is None
 
     def to_dict(self) -> dict:
         predictor = str(self.predictor_path) if self.predictor_path else None
         out = {"schedule": self.schedule.to_dict(), "scorer": self.scorer if not self.schedule.is_empty else None,
                "predictor": "untrained" if self.untrained_predictor else predictor, "gather": self.gather}
+        if self.merge:
+            out["merge"] = dict(self.merge)
         if self.allow_other_weights:
             out["allow_other_weights"] = True
         return out
+
+
+def ranker_of(scorer: str) -> str:
+    """The scorer that ranks patches for ``scorer`` (``patch-ranking-merge`` -> ``predictor``)."""
+    from prtool.rank_merge import MERGE_METHODS
+
+    return MERGE_METHODS.get(scorer, scorer)
 
 
 log = logging.getLogger(__name__)
@@ -60,7 +70,7 @@ def resolve_predictor(loaded: LoadedModel, schedule: Schedule, scorer: str, pred
         raise PrtoolError(f"--predictor {predictor} needs a pruning schedule (without one nothing is pruned and the "
                           "predictor is unused): pass --schedule/-s with the first stage at the predictor's rank block, "
                           "or --keep-ratio")
-    if predictor is not None or schedule.is_empty or scorer != "predictor":
+    if predictor is not None or schedule.is_empty or ranker_of(scorer) != "predictor":
         return predictor
     shipped = tbspec.PREDICTOR_PATH
     why = "pass --predictor FILE (from `prtool train`) for accuracy"
@@ -112,13 +122,21 @@ def make_scorer(loaded: LoadedModel, spec: EncoderSpec) -> tuple[PatchScorer | N
         return GoldenScorer(), None
     if spec.scorer == "brightness":
         return BrightnessScorer(), None
-    raise PrtoolError(f"unknown scorer {spec.scorer!r}: use predictor, cls-attn, evit, tome, random, golden or brightness")
+    raise PrtoolError(f"unknown scorer {spec.scorer!r}: use predictor, cls-attn, evit, tome, patch-ranking-merge, "
+                      "cls-attn-merge, random, golden or brightness")
 
 
 def build_pruned_encoder(loaded: LoadedModel, spec: EncoderSpec, normalize: bool = True,
                          return_indices: bool = False, visual_prompts=None) -> tuple[PrunedVisionTransformer, dict | None]:
     from prtool.peers import PEERS
+    from prtool.rank_merge import MERGE_METHODS, RankMergeVisionTransformer
 
+    if spec.scorer in MERGE_METHODS and not spec.schedule.is_empty:
+        scorer, meta = make_scorer(loaded, replace(spec, scorer=MERGE_METHODS[spec.scorer]))
+        enc = RankMergeVisionTransformer(loaded.visual, spec.schedule, scorer, gather=spec.gather, normalize=normalize,
+                                         return_indices=return_indices, visual_prompts=visual_prompts,
+                                         **(spec.merge or {}))
+        return enc.eval(), meta
     if spec.scorer in PEERS and not spec.schedule.is_empty:
         if return_indices:
             raise PrtoolError(f"{spec.scorer} merges or fuses tokens: it has no kept_patch_indices output")

@@ -2,8 +2,11 @@
 
 Export the unpruned and the pruned testbed encoder (each validated against PyTorch), score both
 exports' zero-shot top-1 on the shipped eval images in onnxruntime, time them side by side, and
-write a report folder (JSON, markdown, pictures of kept patches). Next to them, at the same
-schedule: the peers EViT and ToMe (their own exports), and the pruned encoder with the shipped
+write a report folder (JSON, markdown, pictures of kept patches). The default pruned export is
+rank-and-merge (``patch-ranking-merge``, prtool.rank_merge: the predictor's ranking with dropped
+tokens fused and proportional attention), the method on the accuracy-latency front at the demo's
+budget (benchmarks/README.md). Next to it, at the same schedule: plain Patch Ranking (TopK +
+Gather, dropped tokens discarded), the peers EViT and ToMe (their own exports), and Patch Ranking with the shipped
 learnable tokens (``assets/tokens.safetensors``, made by ``prtool tune``) scored by its baked-in
 classifier head.
 """
@@ -32,6 +35,7 @@ from prtool.visualize import save_rows, stage_panels
 log = logging.getLogger(__name__)
 
 DEMO_KEEP_RATIO, DEMO_STAGES = 0.6, 4
+MERGED = {"predictor": "patch-ranking-merge", "cls-attn": "cls-attn-merge"}  # the demo's pruned export
 
 
 def demo_scorer() -> tuple[str, Path | None]:
@@ -66,7 +70,8 @@ def run_demo(out: Path, limit: int | None = None, latency_batch: int = 32, laten
     schedule = schedule_for(loaded, keep_ratio=DEMO_KEEP_RATIO, stages=DEMO_STAGES)
     scorer, predictor = demo_scorer()
     specs = {"unpruned": EncoderSpec(schedule_for(loaded, "none")),
-             "pruned": EncoderSpec(schedule, scorer, predictor),
+             "pruned": EncoderSpec(schedule, MERGED[scorer], predictor),
+             "patch-ranking": EncoderSpec(schedule, scorer, predictor),
              "evit": EncoderSpec(schedule, "evit"),
              "tome": EncoderSpec(schedule, "tome")}
     extras = {name: {} for name in specs}
@@ -113,7 +118,7 @@ def run_demo(out: Path, limit: int | None = None, latency_batch: int = 32, laten
     report = {
         "model": loaded.model_id,
         "schedule": schedule.to_dict(),
-        "scorer": scorer,
+        "scorer": MERGED[scorer],
         "predictor": str(predictor) if predictor else None,
         "eval_images": len(dataset),
         "variants": rows,
@@ -159,9 +164,11 @@ def render_markdown(report: dict) -> str:
         lines.append("| " + " | ".join(_cell(v) for v in r) + " |")
     lines += [
         "",
-        "Rows: `pruned` is Patch Ranking (the predictor ranks once, TopK + Gather); `evit` and `tome` are the "
-        "peers at the same token counts; `pruned+tokens` adds the shipped learnable tokens (text context + "
-        "visual tokens) and is scored by the classifier head baked into its export.",
+        "Rows: `pruned` is rank-and-merge (`patch-ranking-merge`: the predictor ranks once with one sorted TopK; "
+        "the tokens past each stage's k are fused into one size-weighted token and later blocks use proportional "
+        "attention); `patch-ranking` is plain Patch Ranking (TopK + Gather, the rest discarded); `evit` and `tome` "
+        "are the peers at the same token counts; `pruned+tokens` is Patch Ranking with the shipped learnable "
+        "tokens (text context + visual tokens), scored by the classifier head baked into its export.",
         "",
         f"Latency ({lat['backend']}, batch {lat['batch']}, {lat['threads']} threads, interleaved): "
         f"speedup {lat['speedup_p50']:.2f}x vs ideal FLOP ratio {lat['ideal_flop_speedup']:.2f}x "

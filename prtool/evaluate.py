@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from prtool.build import EncoderSpec, build_pruned_encoder
+from prtool.build import EncoderSpec, build_pruned_encoder, ranker_of
 from prtool.datasets import ImageDataset
 from prtool.errors import PrtoolError
 from prtool.models import LoadedModel
@@ -123,7 +123,7 @@ def evaluate_zero_shot(loaded: LoadedModel, dataset: ImageDataset, spec: Encoder
     else:
         encoder, _ = build_pruned_encoder(loaded, spec, normalize=True)
         scores_for = None
-        if spec.scorer == "golden" and not spec.schedule.is_empty:
+        if ranker_of(spec.scorer) == "golden" and not spec.schedule.is_empty:
             if rankings is None:
                 raise PrtoolError("--scorer golden needs --rankings DIR (a store made by `prtool rank`)")
             scores_for = golden_scores_for(dataset, rankings, loaded, spec.schedule.first_block)

@@ -4,7 +4,10 @@ Per transformer block with n tokens of width D: ``12 n D^2`` (QKV, output projec
 plus ``2 n^2 D`` (attention scores and weighted sum). Plus the patch embedding ``N * 3 p^2 * D``,
 the output projection ``D * E`` and the scorer. The peers' own selection work is counted too, per
 stage with ``n`` tokens entering: EViT's CLS attention (keys and scores, ``2 n D^2 + n D``) and
-fused token; ToMe's keys ``n D^2``, bipartite similarities ``ceil(n/2) floor(n/2) D`` and merges.
+fused token; ToMe's keys ``n D^2``, bipartite similarities ``ceil(n/2) floor(n/2) D`` and merges;
+rank-and-merge's similarities ``r k D`` and one-hot merge ``r k D`` per stage (``r`` merged into
+``k`` kept; plus ``n D^2`` for key targets), and its ``+log size`` bias (``H T^2`` adds) in every
+later block.
 torch's FlopCounterMode misses fused attention on CPU, hence the formula. ViT-B/16 at 224:
 17.56 GMACs unpruned.
 """
@@ -48,6 +51,21 @@ def peer_selection_macs(method: str, schedule: Schedule, dim: int, num_prefix: i
     return total
 
 
+def merge_selection_macs(schedule: Schedule, dim: int, target: str, heads: int, num_prefix: int = 1) -> int:
+    """MACs rank-and-merge spends merging (``prtool.rank_merge``), its proportional-attention bias included."""
+    total, n = 0, schedule.num_patches
+    for _, removed in schedule.stages:
+        k = n - removed
+        if target == "fused":
+            total += (removed + 1) * dim
+        else:
+            total += 2 * removed * k * dim + (n + k) * dim + (n * dim * dim if target == "keys" else 0)
+        n = k
+    first = schedule.first_block if schedule.stages else schedule.depth
+    tokens = schedule.tokens_per_block(num_prefix)
+    return total + sum(heads * t * t for t in tokens[first:])
+
+
 def encoder_cost(encoder) -> dict:
     """:func:`encoder_macs` for a ``PrunedVisionTransformer`` (its scorer's cost included)."""
     patch = encoder.conv1.kernel_size[0]
@@ -59,5 +77,10 @@ def encoder_cost(encoder) -> dict:
     elif encoder.scorer is not None and encoder.scorer.name == "cls-attn":
         n = encoder.schedule.num_patches + encoder.num_prefix
         scorer_macs = 2 * n * encoder.width * encoder.width + n * encoder.width  # ln_1 + q/k projections + scores
-    selection = peer_selection_macs(getattr(encoder, "method", ""), encoder.schedule, encoder.width, encoder.num_prefix)
+    method = getattr(encoder, "method", "")
+    if method == "rank-merge":
+        heads = encoder.transformer.resblocks[0].attn.num_heads
+        selection = merge_selection_macs(encoder.schedule, encoder.width, encoder.target, heads, encoder.num_prefix)
+    else:
+        selection = peer_selection_macs(method, encoder.schedule, encoder.width, encoder.num_prefix)
     return encoder_macs(encoder.schedule, encoder.width, patch, embed, encoder.num_prefix, scorer_macs, selection)

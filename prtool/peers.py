@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from prtool.errors import PrtoolError
+from prtool.merge import expanded_mask
 from prtool.pruned import PrunedVisionTransformer, gather_tokens
 from prtool.scorers import cls_attention
 
@@ -125,17 +126,11 @@ class ToMeVisionTransformer(_PeerEncoder):
                 x, size = bipartite_merge(x, size, block_keys(x, blk), removed[i], self.num_prefix, n)
                 n -= removed[i]
                 merged = True
-            x = blk(x, attn_mask=proportional_attention_mask(size, blk.attn.num_heads) if merged else None)
+            x = blk(x, attn_mask=expanded_mask(size, blk.attn.num_heads) if merged else None)
         return self.pool(x), size
 
     def forward(self, pixels: torch.Tensor, patch_scores=None):
         return self.forward_with_sizes(pixels)[0]
-
-
-def proportional_attention_mask(size: torch.Tensor, heads: int) -> torch.Tensor:
-    """``+log(size)`` on every key's attention logit: a float mask ``[B * heads, T, T]``."""
-    b, t = size.shape
-    return size.log().view(b, 1, 1, t).expand(b, heads, t, t).reshape(b * heads, t, t)
 
 
 class StaticKeepVisionTransformer(_PeerEncoder):

@@ -42,3 +42,18 @@ def test_encoder_cost_counts_peer_selection(tiny):
     for m in ("evit", "tome"):
         assert costs[m]["selection_gmacs"] * 1e9 == pytest.approx(peer_selection_macs(m, sched, 32))
         assert costs[m]["gmacs"] > costs["random"]["gmacs"]
+
+
+def test_merge_selection_hand_count(tiny):
+    from prtool.build import EncoderSpec, build_pruned_encoder
+    from prtool.flops import encoder_cost, merge_selection_macs
+
+    sched = parse_schedule("3:20,5:20", 196, 12)
+    bias = 12 * (2 * 177**2 + 7 * 157**2)  # +log size on 12 heads' T x T logits, blocks 3..11
+    assert merge_selection_macs(sched, 768, "fused", 12) == 21 * 768 + 21 * 768 + bias
+    tokens = (2 * 20 * 176 * 768 + (196 + 176) * 768) + (2 * 20 * 156 * 768 + (176 + 156) * 768)
+    assert merge_selection_macs(sched, 768, "tokens", 12) == tokens + bias
+    assert merge_selection_macs(sched, 768, "keys", 12) == tokens + (196 + 176) * 768**2 + bias
+    small = parse_schedule("1:8,2:8", 64, 4)
+    enc, _ = build_pruned_encoder(tiny, EncoderSpec(small, "cls-attn-merge"))
+    assert encoder_cost(enc)["selection_gmacs"] * 1e9 == pytest.approx(merge_selection_macs(small, 32, "fused", 2))

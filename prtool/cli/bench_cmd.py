@@ -25,7 +25,7 @@ def accuracy(
     keep_ratios: Annotated[str | None, typer.Option("--keep-ratios", help="Comma-separated keep ratios, each with --stages/--first-block.")] = None,
     stages: o.Stages = 1,
     first_block: o.FirstBlock = None,
-    methods: Annotated[str, typer.Option("--methods", help="Comma-separated: none, patch-ranking, golden, random, cls-attn, evit, tome, brightness.")] = "none,patch-ranking,random,cls-attn,evit,tome",
+    methods: Annotated[str, typer.Option("--methods", help="Comma-separated: none, patch-ranking, golden, random, cls-attn, evit, tome, brightness, patch-ranking-merge, golden-merge, random-merge, cls-attn-merge.")] = "none,patch-ranking,random,cls-attn,evit,tome",
     predictor: o.PredictorPath = None,
     rankings: Annotated[Path | None, typer.Option("--rankings", "-r", help="Rankings store of the evaluated split (for golden).")] = None,
     seeds: Annotated[str, typer.Option("--seeds", help="Seeds for random (comma-separated).")] = "0,1,2",
@@ -91,7 +91,7 @@ def speed(
     stages: o.Stages = 1,
     first_block: o.FirstBlock = None,
     predictor: o.PredictorPath = None,
-    variants: Annotated[str, typer.Option("--variants", help="Comma-separated: baseline, patch-ranking, static, cls-attn, evit, tome.")] = "baseline,patch-ranking,static,evit,tome",
+    variants: Annotated[str, typer.Option("--variants", help="Comma-separated: baseline, patch-ranking, static, cls-attn, evit, tome, patch-ranking-merge, cls-attn-merge.")] = "baseline,patch-ranking,static,evit,tome",
     backends: Annotated[str, typer.Option("--backends", help="Comma-separated: torch, onnxruntime (GPU: onnxruntime-cuda, tensorrt).")] = "onnxruntime",
     batch_sizes: Annotated[str, typer.Option("--batch-sizes", help="Comma-separated batch sizes.")] = "1,8,32",
     warmup: Annotated[int, typer.Option("--warmup")] = 3,
@@ -183,3 +183,55 @@ def prompts(
     write_json_atomic(out / "prompts.json", result)
     (out / "prompts.md").write_text(markdown_table(result))
     emit(result, as_json, lambda r: print(markdown_table(r) + f"\nreport in {out}/prompts.md"))
+
+
+@app.command("pareto")
+def pareto(
+    out: Annotated[Path, typer.Option("--out", "-o", help="Report folder (JSON, markdown, plot).")] = Path("runs/bench-pareto"),
+    model: o.Model = "testbed",
+    pretrained: o.Pretrained = None,
+    data: o.Data = "testbed",
+    split: o.Split = "test",
+    image_root: o.ImageRoot = None,
+    budgets: Annotated[str, typer.Option("--budgets", help="Comma-separated STAGESxKEEP (patches kept, or a % of them).")] = "4x136,4x118,4x96,4x76,4x56,1x60%,1x50%",
+    first_block: o.FirstBlock = None,
+    methods: Annotated[str, typer.Option("--methods", help="Comma-separated: none, patch-ranking, patch-ranking-merge, tome, evit, random-merge, golden-merge, cls-attn-merge, cls-attn.")] = "none,patch-ranking,patch-ranking-merge,tome,evit,random-merge",
+    predictor: o.PredictorPath = None,
+    rankings: Annotated[Path | None, typer.Option("--rankings", "-r", help="Rankings store of the evaluated split (for golden-merge).")] = None,
+    seeds: Annotated[str, typer.Option("--seeds", help="Seeds for random-merge (comma-separated).")] = "0",
+    limit: o.Limit = None,
+    batch: Annotated[int, typer.Option("--batch", help="Batch size of the latency runs.")] = 32,
+    warmup: Annotated[int, typer.Option("--warmup")] = 3,
+    iters: Annotated[int, typer.Option("--iters", help="Timed interleaved iterations (>= 20 recommended).")] = 20,
+    combine: Annotated[str | None, typer.Option("--combine", help="Comma-separated pareto.json files of earlier runs (e.g. one per budget): report them as one, measuring nothing.")] = None,
+    as_json: o.Json = False,
+    quiet: o.Quiet = False,
+    verbose: o.Verbose = False,
+):
+    """Top-1 (from the ONNX exports) vs measured speedup of each method over a grid of budgets, with the Pareto front."""
+    setup(quiet, verbose)
+    from prtool import bench_pareto as bp
+    from prtool.datasets import load_dataset
+    from prtool.envinfo import collect_env
+    from prtool.manifest import write_json_atomic
+    from prtool.models import load_clip
+    from prtool.testbed import spec as tbspec
+
+    if combine:
+        result = bp.combine_results([bp.load_report(Path(f.strip())) for f in combine.split(",") if f.strip()])
+    else:
+        loaded = load_clip(model, pretrained)
+        if predictor is None and model == "testbed" and tbspec.PREDICTOR_PATH.exists():
+            predictor = tbspec.PREDICTOR_PATH
+        dataset = load_dataset(data, split, image_root).limit(limit)
+        scheds = bp.parse_budgets(loaded, budgets, first_block)
+        out.mkdir(parents=True, exist_ok=True)
+        result = bp.bench_pareto(loaded, dataset, scheds, [m.strip() for m in methods.split(",") if m.strip()],
+                              predictor, rankings, [int(s) for s in seeds.split(",")], batch, warmup, iters,
+                              workdir=out / "onnx")
+        result["environment"] = collect_env()
+    out.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(out / "pareto.json", result)
+    (out / "pareto.md").write_text(bp.markdown_table(result))
+    bp.plot_pareto(result, out / "pareto.png")
+    emit(result, as_json, lambda r: print(bp.markdown_table(r) + f"\nreport in {out}/pareto.md, plot {out}/pareto.png"))

@@ -1,7 +1,7 @@
 """The compatibility matrix: which runtimes run which of prtool's exports, measured, not assumed.
 
-Rows are export variants (unpruned, pruned with each gather mode; TorchScript and dynamo
-exporters), columns are runtimes (onnxruntime CPU, the ONNX reference evaluator, OpenCV DNN,
+Rows are export variants (unpruned, pruned with each gather mode, rank-and-merge; TorchScript
+and dynamo exporters), columns are runtimes (onnxruntime CPU, the ONNX reference evaluator, OpenCV DNN,
 Polygraphy's onnxrt runner, TensorRT where it exists). Every cell runs the export on real
 images (shipped testbed eval canvases) in a child process, so a runtime that crashes marks its
 cell instead of ending the run, and compares with PyTorch (FP32 tolerances).
@@ -54,13 +54,15 @@ class Variant:
     pruned: bool
     gather: str
     exporter: str
+    scorer: str = "predictor"
 
 
 VARIANTS = tuple(
     Variant(f"{'unpruned' if not pruned else 'pruned-' + gather}/{exporter}", pruned, gather, exporter)
     for exporter in ("torchscript", "dynamo")
     for pruned, gather in ((False, "flat"), (True, "flat"), (True, "elements"), (True, "nd"))
-)
+) + tuple(Variant(f"rank-merge-flat/{exporter}", True, "flat", exporter, "patch-ranking-merge")
+          for exporter in ("torchscript", "dynamo"))
 
 
 def _consumer_version(runtime: str) -> str | None:
@@ -192,7 +194,7 @@ def _export_variant(loaded, variant: Variant, schedule, predictor: Path, workdir
     from prtool.onnx_graph import load_onnx, op_histogram
 
     sched = schedule if variant.pruned else schedule_for(loaded, "none")
-    spec = EncoderSpec(sched, "predictor", predictor if variant.pruned else None, variant.gather)
+    spec = EncoderSpec(sched, variant.scorer, predictor if variant.pruned else None, variant.gather)
     path = workdir / (variant.name.replace("/", "-") + ".onnx")
     export_onnx(loaded, spec, path, ExportOptions(exporter=variant.exporter, validate=False))
     ops = op_histogram(load_onnx(path))

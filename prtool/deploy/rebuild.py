@@ -96,7 +96,7 @@ def rebuild_encoder(manifest: dict, pretrained: str | None = None, predictor: Pa
                     tokens: Path | None = None) -> Rebuilt:
     """The fp32 PyTorch encoder described by an ONNX manifest (``pretrained``/``predictor``/``tokens``
     override paths), with its visual tokens and classifier head."""
-    from prtool.build import EncoderSpec, build_pruned_encoder, schedule_for
+    from prtool.build import EncoderSpec, build_pruned_encoder, ranker_of, schedule_for
     from prtool.export import WithClassifier
     from prtool.models import load_clip
 
@@ -116,10 +116,10 @@ def rebuild_encoder(manifest: dict, pretrained: str | None = None, predictor: Pa
     schedule = schedule_for(loaded, manifest["schedule"]["string"] or "none")
     scorer = manifest.get("scorer") or "predictor"
     pred_path = None
-    if not schedule.is_empty and scorer == "predictor":
+    if not schedule.is_empty and ranker_of(scorer) == "predictor":
         pred_path = _predictor(manifest, predictor)
     spec = EncoderSpec(schedule, scorer, pred_path, manifest.get("gather", "flat"),
-                       allow_other_weights=bool(manifest.get("allow_other_weights")))
+                       allow_other_weights=bool(manifest.get("allow_other_weights")), merge=manifest.get("merge"))
     outputs = [o["name"] for o in manifest["outputs"]]
     extras = {"visual_prompts": None, "class_embeds": None}
     if tokens_path is not None or "logits" in outputs:

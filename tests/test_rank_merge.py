@@ -1,0 +1,130 @@
+import json
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from prtool.build import EncoderSpec, build_pruned_encoder, schedule_for
+from prtool.errors import PrtoolError
+from prtool.merge import expanded_mask, fuse, merge_into, most_similar, proportional_attention
+from prtool.onnx_graph import op_histogram, topk_nodes, trt_readiness
+from prtool.rank_merge import RankMergeVisionTransformer, attention_block
+
+
+def test_nothing_removed_equals_unpruned(tiny, tiny_pixels):
+    enc = RankMergeVisionTransformer(tiny.visual, schedule_for(tiny, "none")).eval()
+    with torch.no_grad():
+        assert (enc(tiny_pixels) - tiny.visual(tiny_pixels)).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize("design", [{}, {"target": "tokens"}, {"target": "keys"}, {"target": "tokens", "merge_op": "scatter"}])
+def test_sizes_sum_to_n_plus_one_and_prefix_never_merges(tiny, tiny_pixels, design):
+    enc, _ = build_pruned_encoder(tiny, EncoderSpec(schedule_for(tiny, "1:16,2:16"), "cls-attn-merge", merge=design))
+    with torch.no_grad():
+        _, order, size = enc.forward_with_sizes(tiny_pixels)
+    assert size.shape == (7, 1 + 32)
+    assert torch.allclose(size.sum(1), torch.full((7,), 65.0))  # sizes sum to N + 1
+    assert (size[:, 0] == 1).all()  # CLS is protected: never merged into, never merged
+    assert (size[:, 1:] >= 1).all()
+    assert sorted(order[0].tolist()) == list(range(64))  # one full ranking: kept and dropped from one TopK
+
+
+def test_merge_hand_checked_on_a_tiny_tensor():
+    kept = torch.tensor([[[1.0, 0.0], [0.0, 2.0]]])  # kept A (size 1), B (size 3)
+    kept_size = torch.tensor([[1.0, 3.0]])
+    dropped = torch.tensor([[[3.0, 0.1], [0.0, 6.0], [5.0, 0.0]]])  # like A, like B, like A
+    dropped_size = torch.tensor([[2.0, 1.0, 1.0]])
+    target = most_similar(dropped, kept)
+    assert target.tolist() == [[0, 1, 0]]
+    for op in ("onehot", "scatter"):
+        out, size = merge_into(kept, kept_size, dropped, dropped_size, target, op)
+        # A: (1*[1,0] + 2*[3,0.1] + 1*[5,0]) / 4 = [3, 0.05]; B: (3*[0,2] + 1*[0,6]) / 4 = [0, 3]
+        assert size.tolist() == [[4.0, 4.0]]
+        assert torch.allclose(out, torch.tensor([[[3.0, 0.05], [0.0, 3.0]]]))
+    fused, fused_size = fuse(dropped, dropped_size)
+    assert fused_size.tolist() == [[4.0]] and torch.allclose(fused, torch.tensor([[[11 / 4, 6.2 / 4]]]))
+
+
+def test_proportional_attention_equals_expanded_mask_reference(tiny):
+    torch.manual_seed(0)
+    blk = tiny.visual.transformer.resblocks[1]
+    x = torch.randn(3, 9, 32)
+    size = torch.randint(1, 6, (3, 9)).float()
+    with torch.no_grad():
+        ref = blk(x, attn_mask=expanded_mask(size, blk.attn.num_heads))
+        log_size = size.log()[:, None, None, :]
+        for sdpa in (False, True):
+            assert (attention_block(blk, x, log_size, sdpa=sdpa) - ref).abs().max() <= 1e-6
+        q, k, v = torch.randn(3, 3, 4, 9, 8).unbind(0)
+        logits = q @ k.transpose(-1, -2) / 8 ** 0.5 + expanded_mask(size, 4).view(3, 4, 9, 9)
+        assert (proportional_attention(q, k, v, log_size) - torch.softmax(logits, -1) @ v).abs().max() <= 1e-6
+
+
+def test_sizes_change_the_output_only_through_proportional_attention(tiny, tiny_pixels):
+    spec = EncoderSpec(schedule_for(tiny, "1:16,2:16"), "cls-attn-merge")
+    with_pa, _ = build_pruned_encoder(tiny, spec)
+    mask, _ = build_pruned_encoder(tiny, EncoderSpec(spec.schedule, spec.scorer, merge={"attention": "mask"}))
+    without, _ = build_pruned_encoder(tiny, EncoderSpec(spec.schedule, spec.scorer, merge={"attention": "none"}))
+    with torch.no_grad():
+        a, b, c = with_pa(tiny_pixels), mask(tiny_pixels), without(tiny_pixels)
+    assert (a - b).abs().max() <= 1e-5
+    assert (a - c).abs().max() > 1e-3
+
+
+def test_unknown_design_is_refused(tiny):
+    with pytest.raises(PrtoolError, match="unknown merge target"):
+        build_pruned_encoder(tiny, EncoderSpec(schedule_for(tiny, "1:16"), "cls-attn-merge", merge={"target": "x"}))
+
+
+@pytest.mark.parametrize("exporter", ["torchscript", "dynamo"])
+def test_export_validates_with_both_exporters(tiny, tmp_path, exporter):
+    from prtool.export import ExportOptions, export_onnx
+
+    spec = EncoderSpec(schedule_for(tiny, "1:16,2:16"), "patch-ranking-merge")
+    res = export_onnx(tiny, spec, tmp_path / "m.onnx", ExportOptions(exporter=exporter, with_kept_indices=True))
+    assert res.report.passed, res.report.failure_summary()
+    model = onnx.load(str(res.onnx_path))
+    tk = topk_nodes(model)
+    assert len(tk) == 1 and tk[0]["constant_k"] and tk[0]["k"] == 64 and tk[0]["sorted"]  # K = N: one ranking
+    ops = op_histogram(model)
+    assert "ScatterElements" not in ops and "ScatterND" not in ops  # the merge is a one-hot matmul
+    assert trt_readiness(model)["ready"]
+    for label in ("batch 1", "batch 7"):
+        assert res.report.metrics[f"image_embeds @ {label}"]["max_abs"] <= 1e-4
+    assert res.report.metrics["batch_independence_max_abs"] <= 1e-4
+    assert json.loads(res.manifest_path.read_text())["scorer"] == "patch-ranking-merge"
+
+
+def test_reference_evaluator_runs_the_merge_export(tiny, tmp_path, tiny_pixels):
+    from onnx.reference import ReferenceEvaluator
+
+    from prtool.export import ExportOptions, export_onnx
+
+    spec = EncoderSpec(schedule_for(tiny, "1:16,2:16"), "cls-attn-merge")
+    res = export_onnx(tiny, spec, tmp_path / "m.onnx", ExportOptions(validate=False))
+    (emb,) = ReferenceEvaluator(str(res.onnx_path)).run(None, {"pixel_values": tiny_pixels[:2].numpy()})
+    enc, _ = build_pruned_encoder(tiny, spec)
+    with torch.no_grad():
+        assert np.abs(emb - enc(tiny_pixels[:2]).numpy()).max() <= 1e-4
+
+
+def test_prtool_validate_rebuilds_a_merge_export_from_its_manifest(tiny, tmp_path):
+    from safetensors.torch import save_file
+
+    from prtool.deploy.verify import validate_artifact
+    from prtool.export import ExportOptions, export_onnx
+    from prtool.models import load_clip
+    from prtool.predictor import PredictorConfig, RankingPredictor, save_predictor
+
+    ckpt = tmp_path / "tiny.safetensors"
+    save_file({k: v.clone().contiguous() for k, v in tiny.model.state_dict().items()}, str(ckpt))
+    loaded = load_clip("prtool-tiny", str(ckpt))
+    torch.manual_seed(5)
+    pred = tmp_path / "pred.safetensors"
+    save_predictor(RankingPredictor(PredictorConfig(64, 32)), pred, {"model_id": loaded.model_id, "rank_block": 1})
+    spec = EncoderSpec(schedule_for(loaded, "1:16,2:16"), "patch-ranking-merge", pred, merge={"target": "tokens"})
+    res = export_onnx(loaded, spec, tmp_path / "m.onnx", ExportOptions(validate=False))
+    assert json.loads(res.manifest_path.read_text())["merge"] == {"target": "tokens"}
+    out = validate_artifact(res.onnx_path, pretrained=str(ckpt))
+    assert out["passed"], out["validation"]["checks"]
