@@ -210,6 +210,8 @@ def pareto(
 ):
     """Top-1 (from the ONNX exports) vs measured speedup of each method over a grid of budgets, with the Pareto front."""
     setup(quiet, verbose)
+    check_output(out, "dir")
+    check_inputs(predictor)
     from prtool import bench_pareto as bp
     from prtool.datasets import load_dataset
     from prtool.envinfo import collect_env
@@ -230,6 +232,7 @@ def pareto(
                               predictor, rankings, [int(s) for s in seeds.split(",")], batch, warmup, iters,
                               workdir=out / "onnx")
         result["environment"] = collect_env()
+        result.update(dataset_note(dataset))
     out.mkdir(parents=True, exist_ok=True)
     write_json_atomic(out / "pareto.json", result)
     (out / "pareto.md").write_text(bp.markdown_table(result))
