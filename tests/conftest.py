@@ -98,3 +98,32 @@ def cli(capsys, *args):
         sys.argv = argv
     out, err = capsys.readouterr()
     return (exc.value.code or 0), out, err
+
+
+@pytest.fixture(scope="session")
+def checkpoint(tiny, tmp_path_factory):
+    """The tiny model saved as a checkpoint file (an export made from it can be rebuilt by `prtool validate`)."""
+    from safetensors.torch import save_file
+
+    path = tmp_path_factory.mktemp("weights") / "tiny.safetensors"
+    save_file({k: v.clone().contiguous() for k, v in tiny.model.state_dict().items()}, str(path))
+    return path
+
+
+@pytest.fixture(scope="module")
+def exported(checkpoint, tmp_path_factory):
+    """``(onnx_path, predictor_path)``: a pruned tiny export (a seeded predictor file, kept indices) made
+    from ``checkpoint``, unvalidated; one per test module, which may write beside it."""
+    from prtool.build import EncoderSpec, schedule_for
+    from prtool.export import ExportOptions, export_onnx
+    from prtool.models import load_clip
+    from prtool.predictor import PredictorConfig, RankingPredictor, save_predictor
+
+    loaded = load_clip("prtool-tiny", str(checkpoint))
+    work = tmp_path_factory.mktemp("export")
+    torch.manual_seed(3)
+    predictor = work / "pred.safetensors"
+    save_predictor(RankingPredictor(PredictorConfig(64, 32)), predictor, {"model_id": loaded.model_id, "rank_block": 1})
+    res = export_onnx(loaded, EncoderSpec(schedule_for(loaded, "1:16,2:16"), "predictor", predictor, "flat"),
+                      work / "m.onnx", ExportOptions(with_kept_indices=True, validate=False))
+    return res.onnx_path, predictor

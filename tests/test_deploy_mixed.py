@@ -8,30 +8,10 @@ import onnx
 import pytest
 import torch
 from conftest import cli
-from safetensors.torch import save_file
 from test_deploy import one_line_error
 
-from prtool.build import EncoderSpec, schedule_for
 from prtool.deploy.mixed_check import MIXED_TOLERANCES, judge
 from prtool.deploy.mixed_precision import check_mixed_graph, fp32_plan, index_path_nodes, scoring_nodes
-from prtool.export import ExportOptions, export_onnx
-from prtool.models import load_clip
-from prtool.predictor import PredictorConfig, RankingPredictor, save_predictor
-
-
-@pytest.fixture(scope="module")
-def exported(tiny, tmp_path_factory):
-    """A tiny pruned export (predictor, kept indices) from a checkpoint file, as `prtool validate` needs."""
-    work = tmp_path_factory.mktemp("mixed")
-    checkpoint = work / "tiny.safetensors"
-    save_file({k: v.clone().contiguous() for k, v in tiny.model.state_dict().items()}, str(checkpoint))
-    loaded = load_clip("prtool-tiny", str(checkpoint))
-    torch.manual_seed(3)
-    predictor = work / "pred.safetensors"
-    save_predictor(RankingPredictor(PredictorConfig(64, 32)), predictor, {"model_id": loaded.model_id, "rank_block": 1})
-    res = export_onnx(loaded, EncoderSpec(schedule_for(loaded, "1:16,2:16"), "predictor", predictor, "flat"),
-                      work / "m.onnx", ExportOptions(with_kept_indices=True, validate=False))
-    return res.onnx_path, checkpoint
 
 
 def test_plan_keeps_the_scores_and_the_index_path_in_fp32(exported):
@@ -99,10 +79,10 @@ def test_check_catches_a_conversion_that_lowers_the_scores(exported):
     assert any("/scorer/predictor/" in p for p in problems), problems
 
 
-def test_validate_uses_the_fp16_preset_for_a_mixed_export(exported, mixed):
+def test_validate_uses_the_fp16_preset_for_a_mixed_export(checkpoint, mixed):
     from prtool.deploy.verify import PRECISION_TOLERANCES, validate_artifact
 
-    res = validate_artifact(mixed[0], pretrained=str(exported[1]))
+    res = validate_artifact(mixed[0], pretrained=str(checkpoint))
     assert res["passed"], res["validation"]["checks"]
     assert res["precision"] == "fp16" and res["validation"]["tolerances"]["min_cosine"] == PRECISION_TOLERANCES["fp16"].min_cosine
 

@@ -4,37 +4,12 @@ of weights that cannot be rebuilt; engines on TensorRT where it exists."""
 import json
 
 import pytest
-import torch
 from conftest import cli
 from safetensors.torch import save_file
 
-from prtool.build import EncoderSpec, schedule_for
 from prtool.deploy.rebuild import rebuild_encoder
 from prtool.deploy.verify import PRECISION_TOLERANCES, validate_artifact
 from prtool.errors import PrtoolError
-from prtool.export import ExportOptions, export_onnx
-from prtool.models import load_clip
-from prtool.predictor import PredictorConfig, RankingPredictor, save_predictor
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tiny, tmp_path_factory):
-    path = tmp_path_factory.mktemp("weights") / "tiny.safetensors"
-    save_file({k: v.clone().contiguous() for k, v in tiny.model.state_dict().items()}, str(path))
-    return path
-
-
-@pytest.fixture(scope="module")
-def exported(checkpoint, tmp_path_factory):
-    """A pruned tiny export (trained-predictor path, kept indices) made from a checkpoint file."""
-    loaded = load_clip("prtool-tiny", str(checkpoint))
-    work = tmp_path_factory.mktemp("export")
-    torch.manual_seed(3)
-    predictor = work / "pred.safetensors"
-    save_predictor(RankingPredictor(PredictorConfig(64, 32)), predictor, {"model_id": loaded.model_id, "rank_block": 1})
-    res = export_onnx(loaded, EncoderSpec(schedule_for(loaded, "1:16,2:16"), "predictor", predictor, "flat"),
-                      work / "m.onnx", ExportOptions(with_kept_indices=True, validate=False))
-    return res.onnx_path, predictor
 
 
 def test_onnx_validates_against_the_rebuilt_encoder(exported, checkpoint):

@@ -18,7 +18,6 @@ from unittest import mock
 import numpy as np
 import onnx
 import pytest
-import test_deploy_validate
 import torch
 from conftest import cli
 from onnx import TensorProto, helper, numpy_helper
@@ -34,7 +33,6 @@ from prtool.models import load_clip, sha256_file
 from prtool.pruned import PrunedVisionTransformer
 from prtool.validate import validation_images
 
-checkpoint = test_deploy_validate.checkpoint  # the fixture: the tiny model saved as a checkpoint file
 SCHEDULE = "1:16,2:16"
 EMB, KEPT = "image_embeds", "kept_patch_indices"
 
