@@ -29,8 +29,9 @@ from prtool.store_shards import CorruptShard, read_shard
 
 
 def _images(root, n, classes=("a", "b")):
+    """``n`` images in ``root/train/<class>/`` (a split, as ranked with ``--split train``)."""
     for k in range(n):
-        d = root / classes[k % len(classes)]
+        d = root / "train" / classes[k % len(classes)]
         d.mkdir(parents=True, exist_ok=True)
         arr = (np.random.default_rng(k).random((64, 64, 3)) * 255).astype(np.uint8)
         Image.fromarray(arr).save(d / f"{k:03d}.png")
@@ -167,7 +168,7 @@ def test_two_concurrent_ranks_do_the_work_once(tmp_path):
 
 def test_a_corrupt_image_is_found_before_any_work_and_removing_it_works(tiny, tmp_path):
     data = _images(tmp_path / "data", 6)
-    bad = data / "b" / "003.png"
+    bad = data / "train" / "b" / "003.png"
     bad.write_bytes(b"not a png")
     with pytest.raises(PrtoolError, match=r"image .*003.png cannot be decoded \(.*\): remove or replace the file\(s\) "
                                           r"and rerun, or rerun with --skip-bad"):
@@ -182,7 +183,7 @@ def test_a_corrupt_image_keeps_finished_shards_and_both_recoveries_resume(tiny, 
     out = tmp_path / "s"
     _rank(tiny, data, out)
     ref = _store_bytes(out)
-    img = data / "b" / "003.png"  # row 4 (class a holds images 0, 2, 4; class b 1, 3, 5): shard 2
+    img = data / "train" / "b" / "003.png"  # row 4 (class a holds images 0, 2, 4; class b 1, 3, 5): shard 2
     good = img.read_bytes()
     img.write_bytes(good[:200])  # a truncated copy
     (out / "shard-00002.safetensors").unlink()  # as if the run had stopped there
@@ -201,7 +202,7 @@ def test_a_corrupt_image_keeps_finished_shards_and_both_recoveries_resume(tiny, 
 
 def test_an_image_that_breaks_during_the_run_keeps_finished_shards(tiny, tmp_path, monkeypatch):
     data = _images(tmp_path / "data", 6)
-    (data / "b" / "003.png").write_bytes(b"broken")  # row 4: shard 2
+    (data / "train" / "b" / "003.png").write_bytes(b"broken")  # row 4: shard 2
     monkeypatch.setattr("prtool.rank_store.unreadable_images", lambda ds, rows: [])  # it decoded before the run
     with pytest.raises(PrtoolError, match="003.png cannot be decoded .*--skip-bad.*finished shards are kept"):
         _rank(tiny, data, tmp_path / "s")

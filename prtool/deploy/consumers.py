@@ -157,7 +157,29 @@ class PageServer:
 
 def _chromium(args: list[str], profile: str) -> subprocess.Popen:
     return subprocess.Popen([chromium_path(), *CHROMIUM_FLAGS, f"--user-data-dir={profile}", *args],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    """End Chromium and every helper process it started (its own session), and wait until none is left
+    writing into the profile folder that is removed next."""
+    import signal
+    import time
+
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(30)
+    except (ProcessLookupError, subprocess.TimeoutExpired):
+        pass
+    deadline = time.monotonic() + 10
+    try:
+        while time.monotonic() < deadline:  # helpers that outlived the browser process, or a browser that hung
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.poll()  # reaps the browser process itself once it is gone
+            time.sleep(0.05)
+    except ProcessLookupError:
+        pass
+    proc.wait()
 
 
 def run_chromium(onnx: Path, images: list[Path], batch: int = 8, timeout: float = 600) -> dict:
@@ -169,12 +191,7 @@ def run_chromium(onnx: Path, images: list[Path], batch: int = 8, timeout: float 
             if not server.inbox["event"].wait(timeout):
                 raise PrtoolError(f"the page posted no result within {timeout:.0f} s")
         finally:
-            proc.terminate()
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+            _stop(proc)
     doc = server.inbox["doc"]
     if "error" in doc:
         raise PrtoolError(f"the page failed: {doc['error']}")
@@ -196,7 +213,8 @@ class _DevToolsPipe:
 
         self.proc = subprocess.Popen([chromium_path(), *CHROMIUM_FLAGS, f"--user-data-dir={profile}",
                                       "--remote-debugging-pipe", *args], stdout=subprocess.DEVNULL,
-                                     stderr=subprocess.DEVNULL, preexec_fn=wire, close_fds=False)
+                                     stderr=subprocess.DEVNULL, preexec_fn=wire, close_fds=False,
+                                     start_new_session=True)
         os.close(to_chrome)
         os.close(from_chrome)
         self._buf, self._id = b"", 0
@@ -219,12 +237,7 @@ class _DevToolsPipe:
                 return reply["result"]
 
     def close(self):
-        self.proc.terminate()
-        try:
-            self.proc.wait(30)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+        _stop(self.proc)
         os.close(self._send)
         os.close(self._recv)
 
