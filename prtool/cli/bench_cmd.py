@@ -213,20 +213,19 @@ def pareto(
     check_output(out, "dir")
     check_inputs(predictor)
     from prtool import bench_pareto as bp
+    from prtool.build import resolve_predictor
     from prtool.datasets import load_dataset
     from prtool.envinfo import collect_env
     from prtool.manifest import write_json_atomic
     from prtool.models import load_clip
-    from prtool.testbed import spec as tbspec
-
     if combine:
         result = bp.combine_results([bp.load_report(Path(f.strip())) for f in combine.split(",") if f.strip()])
     else:
         loaded = load_clip(model, pretrained)
-        if predictor is None and model == "testbed" and tbspec.PREDICTOR_PATH.exists():
-            predictor = tbspec.PREDICTOR_PATH
         dataset = load_dataset(data, split, image_root).limit(limit)
         scheds = bp.parse_budgets(loaded, budgets, first_block)
+        if predictor is None:  # the shipped testbed predictor for the shipped checkpoint, else untrained (said)
+            predictor = resolve_predictor(loaded, scheds[0], "predictor", None)
         out.mkdir(parents=True, exist_ok=True)
         result = bp.bench_pareto(loaded, dataset, scheds, [m.strip() for m in methods.split(",") if m.strip()],
                               predictor, rankings, [int(s) for s in seeds.split(",")], batch, warmup, iters,
