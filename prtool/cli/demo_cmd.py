@@ -29,7 +29,11 @@ def demo(
 
     def human(r):
         lat = r["latency"]
-        table(f"prtool demo: testbed, {r['eval_images']} eval images, onnxruntime CPU", SUMMARY_COLUMNS, summary_rows(r))
+        # every row shares the schedule (in the title): the other columns fit 100 characters uncut
+        keep = [i for i, c in enumerate(SUMMARY_COLUMNS) if c != "schedule"]
+        table(f"prtool demo: testbed, {r['eval_images']} eval images, schedule {r['schedule']['string']}, onnxruntime CPU",
+              ["variant", "tokens", "GFLOPs", "top-1 %", "top-5 %", "cos", "p50 ms", "speedup", "validated"],
+              [[row[i] for i in keep] for row in summary_rows(r)])
         print(f"speedup {lat['speedup_p50']:.2f}x at batch {lat['batch']} (ideal FLOP ratio {lat['ideal_flop_speedup']:.2f}x, "
               f"measured/ideal {lat['measured_over_ideal']:.2f}); report in {out}/report.md, pictures in {r['pictures']}")
 
