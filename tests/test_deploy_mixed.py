@@ -97,3 +97,23 @@ def test_cli_writes_the_mixed_onnx_only_where_a_major_builds_from_it(capsys, exp
     assert not out.exists()
     code, _, err = cli(capsys, "build", exported[0], "-o", out, "--trt-version", "10", "--mixed-onnx-only")
     one_line_error(code, err, "--mixed-onnx-only needs --precision fp16/bf16")
+
+
+def test_a_manifest_of_another_graph_is_refused_before_and_after_conversion(exported, mixed, tmp_path):
+    import shutil
+
+    from prtool.deploy.mixed_check import measure_mixed
+    from prtool.deploy.mixed_precision import write_mixed_onnx
+    from prtool.errors import PrtoolError
+
+    src = tmp_path / "m.onnx"  # the fp32 export's manifest beside the mixed graph's bytes
+    shutil.copy(mixed[0], src)
+    shutil.copy(exported[0].with_suffix(".json"), src.with_suffix(".json"))
+    with pytest.raises(PrtoolError, match="is not the graph its manifest"):
+        write_mixed_onnx(src, tmp_path / "out.fp16.onnx", "fp16")
+    assert not (tmp_path / "out.fp16.onnx").exists() and not (tmp_path / "out.fp16.json").exists()
+    swapped = tmp_path / "s.fp16.onnx"  # the mixed manifest beside the fp32 graph
+    shutil.copy(exported[0], swapped)
+    shutil.copy(mixed[0].with_suffix(".json"), swapped.with_suffix(".json"))
+    with pytest.raises(PrtoolError, match="is not the graph its manifest"):
+        measure_mixed(swapped, data="testbed", limit=2)

@@ -72,11 +72,11 @@ def measure_mixed(onnx_path: Path, data: str = "testbed", split: str = "test", b
     from prtool.deploy.ort_gpu import OrtRunner
     from prtool.deploy.rebuild import rebuild_encoder
     from prtool.evaluate import text_classifier
-    from prtool.manifest import read_manifest_for
+    from prtool.manifest import checked_manifest
 
     onnx_path = Path(onnx_path)
-    manifest = read_manifest_for(onnx_path)
-    if manifest is None or not manifest.get("mixed_precision"):
+    manifest = checked_manifest(onnx_path)  # refuses a missing manifest, or one of another graph, naming both
+    if not manifest.get("mixed_precision"):
         raise PrtoolError(f"{onnx_path} has no mixed-precision manifest: write it with `prtool build --mixed-onnx-only`")
     precision = manifest["mixed_precision"]["type"]
     rebuilt = rebuild_encoder(manifest, pretrained, predictor)

@@ -157,14 +157,17 @@ def write_mixed_onnx(src: Path, dst: Path, precision: str = "fp16", fp32_norm: b
 
     import onnx
 
-    from prtool.manifest import read_manifest_for, write_json_atomic
+    from prtool.manifest import checked_manifest, manifest_path_for, write_json_atomic
     from prtool.models import sha256_file
     from prtool.onnx_graph import load_onnx
 
     if precision not in _LOW:
         raise PrtoolError(f"a mixed-precision ONNX is fp16 or bf16, not {precision}")
-    convert = _autocast()
     src, dst = Path(src), Path(dst)
+    # the new manifest starts from the source's: refuse one that describes another graph (any ONNX builds,
+    # so a source without a manifest is fine)
+    manifest = checked_manifest(src) if manifest_path_for(src).is_file() else {}
+    convert = _autocast()
     model = load_onnx(src)
     plan = fp32_plan(model, fp32_norm)
     dst.parent.mkdir(parents=True, exist_ok=True)
@@ -182,8 +185,7 @@ def write_mixed_onnx(src: Path, dst: Path, precision: str = "fp16", fp32_norm: b
         onnx.save(mixed, str(out))
         record = {"type": precision, "converter": f"modelopt.onnx.autocast {metadata.version('nvidia-modelopt')}",
                   "fp32_op_types": plan["op_types"], "fp32_nodes": len(plan["nodes"]),
-                  "source_onnx": src.name, "source_sha256": sha256_file(src)}
-        manifest = dict(read_manifest_for(src) or {})
+                  "source_onnx": src.name, "source_sha256": manifest.get("onnx_sha256") or sha256_file(src)}
         manifest.update({"mixed_precision": record, "onnx_file": dst.name, "onnx_sha256": sha256_file(out)})
         write_json_atomic(dst.with_suffix(".json"), manifest)
         out.replace(dst)
