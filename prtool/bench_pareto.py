@@ -24,6 +24,7 @@ from prtool.errors import PrtoolError
 from prtool.evaluate import evaluate_zero_shot, text_classifier
 from prtool.export import ExportOptions, export_onnx
 from prtool.flops import encoder_cost
+from prtool.io_names import PIXELS
 from prtool.schedule import Schedule
 from prtool.stats import paired_difference
 from prtool.timing import interleaved_latency
@@ -110,14 +111,14 @@ def bench_pareto(loaded, dataset, schedules: list[Schedule], methods: list[str],
 
 
 def _time_all(paths: dict, loaded, batch: int, warmup: int, iters: int) -> dict:
-    from prtool.validate import ort_session
+    from prtool.runtime import ort_session
 
     h, w = loaded.preprocess["image_size"]
     x = torch.randn(batch, 3, h, w, generator=torch.Generator().manual_seed(batch)).numpy()
     runs = {key: ort_session(p) for key, p in paths.items()}
     log.info("timing %d exports interleaved (batch %d, %d iterations)", len(runs), batch, iters)
     names = {f"{m}@{s}": (m, s) for (m, s) in runs}
-    lat = interleaved_latency({n: (lambda s=runs[k]: s.run(None, {"pixel_values": x})) for n, k in names.items()},
+    lat = interleaved_latency({n: (lambda s=runs[k]: s.run(None, {PIXELS: x})) for n, k in names.items()},
                               warmup, iters)
     return {names[n]: v for n, v in lat.items()}
 

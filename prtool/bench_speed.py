@@ -21,6 +21,7 @@ from prtool.device import autocast, check_precision, device_report, resolve_devi
 from prtool.errors import PrtoolError
 from prtool.export import ExportOptions, export_onnx
 from prtool.flops import encoder_cost
+from prtool.io_names import PIXELS
 from prtool.timing import cuda_event_clock, interleaved_latency, wall_clock
 
 log = logging.getLogger(__name__)
@@ -40,14 +41,15 @@ def _runner(backend: str, encoder, onnx_path: Path | None, device: torch.device,
     if backend == "torch":
         return _torch_runner(encoder.to(device), device, precision or "fp32", cuda_graphs)
     if backend == "onnxruntime":
-        from prtool.validate import ort_session
+        from prtool.runtime import ort_session
 
         sess = ort_session(onnx_path)
-        return lambda x: sess.run(None, {"pixel_values": x})
+        return lambda x: sess.run(None, {PIXELS: x})
     if backend == "onnxruntime-cuda":
-        from prtool.deploy.ort_gpu import OrtRunner
+        from prtool.runtime import OrtRunner
 
-        return OrtRunner(onnx_path, "cuda").infer
+        runner = OrtRunner(onnx_path, "cuda")
+        return lambda x: runner.infer({PIXELS: x})
     if backend == "tensorrt":
         from prtool.deploy.build_config import resolve_build_config
         from prtool.deploy.trt import TensorRTRunner, build_engine
@@ -57,7 +59,8 @@ def _runner(backend: str, encoder, onnx_path: Path | None, device: torch.device,
         cfg = resolve_build_config(onnx_path, precision, min_batch=min(sizes), opt_batch=max(sizes), max_batch=max(sizes))
         plan = Path(onnx_path).with_suffix(f".{precision}.plan")
         build_engine(cfg, plan)
-        return TensorRTRunner(plan).infer
+        engine = TensorRTRunner(plan)
+        return lambda x: engine.infer({PIXELS: x})
     raise PrtoolError(f"unknown backend {backend!r}: use one of {', '.join(BACKENDS)}")
 
 

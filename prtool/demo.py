@@ -25,11 +25,12 @@ from prtool.datasets import load_dataset
 from prtool.evaluate import evaluate_zero_shot, text_classifier
 from prtool.export import ExportOptions, export_onnx
 from prtool.flops import encoder_cost
+from prtool.io_names import PIXELS
 from prtool.manifest import write_json_atomic
 from prtool.models import load_clip
+from prtool.runtime import ort_session
 from prtool.testbed import spec as tbspec
 from prtool.timing import interleaved_latency
-from prtool.validate import ort_session
 from prtool.visualize import save_rows, stage_panels
 
 log = logging.getLogger(__name__)
@@ -96,7 +97,7 @@ def run_demo(out: Path, limit: int | None = None, latency_batch: int = 32, laten
     pixels, _, _ = dataset.load(range(min(latency_batch, len(dataset))), loaded.preprocess)
     feed = pixels.numpy().astype(np.float32)
     sessions = {name: ort_session(e.onnx_path) for name, e in exports.items()}
-    lat = interleaved_latency({n: (lambda s=s: s.run(None, {"pixel_values": feed})) for n, s in sessions.items()},
+    lat = interleaved_latency({n: (lambda s=s: s.run(None, {PIXELS: feed})) for n, s in sessions.items()},
                               warmup=3, iters=latency_iters)
     for name, row in rows.items():
         row["speedup_p50"] = lat["unpruned"]["p50_ms"] / lat[name]["p50_ms"]

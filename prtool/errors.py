@@ -19,13 +19,19 @@ class MissingDependencyError(PrtoolError):
 
 
 class ValidationError(PrtoolError):
-    """An exported artifact disagrees with PyTorch beyond the stated tolerances."""
+    """An exported artifact disagrees with PyTorch beyond the stated tolerances.
+
+    Raised by ``prtool.validate.ValidationReport.raise_if_failed`` with the ``report`` and the
+    ``result`` the command would have printed (its ``--json`` document); the CLI shows either, then
+    the one-line message.
+    """
 
     exit_code = 2
 
-    def __init__(self, message: str, report=None):
+    def __init__(self, message: str, report=None, result: dict | None = None):
         super().__init__(message)
         self.report = report
+        self.result = result
 
 
 def require(module: str, extra: str | None = None, purpose: str = ""):

@@ -11,6 +11,7 @@ import torch
 from prtool.build import EncoderSpec, build_pruned_encoder, ranker_of
 from prtool.datasets import ImageDataset
 from prtool.errors import PrtoolError
+from prtool.io_names import LOGITS
 from prtool.models import LoadedModel
 from prtool.progress import progress_bar
 from prtool.zeroshot import class_text_embeddings, evaluate_embeddings, onnx_embedder, torch_embedder
@@ -82,7 +83,7 @@ def _onnx_logits_head(session, path: Path, dataset: ImageDataset) -> tuple:
         raise PrtoolError(f"{path}'s classifier head has classes {names[:3]}..., not {dataset.name}'s "
                           f"{dataset.classnames[:3]}...: export with --classifier for this dataset")
     inp = session.get_inputs()[0].name
-    col = [o.name for o in session.get_outputs()].index("logits")
+    col = [o.name for o in session.get_outputs()].index(LOGITS)
 
     def logits(pixels: torch.Tensor, rows) -> np.ndarray:
         out = session.run(None, {inp: pixels.numpy().astype(np.float32)})[col]
@@ -110,12 +111,12 @@ def evaluate_zero_shot(loaded: LoadedModel, dataset: ImageDataset, spec: Encoder
     spec = spec or EncoderSpec(Schedule((), n, depth))
     manifest = None  # set when the export carries its own classifier head
     if onnx_path is not None:
-        from prtool.validate import ort_session
+        from prtool.runtime import ort_session
 
         if not Path(onnx_path).exists():
             raise PrtoolError(f"ONNX file {onnx_path} does not exist")
         session = ort_session(onnx_path)
-        if "logits" in [o.name for o in session.get_outputs()]:
+        if LOGITS in [o.name for o in session.get_outputs()]:
             embed, manifest = _onnx_logits_head(session, Path(onnx_path), dataset)
         else:
             embed = onnx_embedder(session)

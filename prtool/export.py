@@ -2,33 +2,28 @@
 
 ``export_onnx(...)`` mirrors ``prtool export``: tests call the function, the CLI only parses.
 Nothing appears at the output path unless the export (and, by default, its validation)
-succeeded: the graph is written in a temporary folder beside the target and renamed into place.
+succeeded (:func:`prtool.artifacts.staged_outputs`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-import os
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
+from prtool.artifacts import check_output_dir, staged_outputs
 from prtool.build import EncoderSpec, build_pruned_encoder
-from prtool.errors import PrtoolError, ValidationError
+from prtool.errors import PrtoolError
+from prtool.io_names import BATCH_AXIS, PIXELS, as_tuple, output_names
 from prtool.manifest import build_manifest, write_json_atomic
 from prtool.models import LoadedModel
-from prtool.validate import Tolerances, ValidationReport, _as_tuple, validate_onnx
+from prtool.validate import Tolerances, ValidationReport, validate_onnx
 
 log = logging.getLogger(__name__)
 
-INPUT_NAME = "pixel_values"
-EMBEDS_NAME = "image_embeds"
-INDICES_NAME = "kept_patch_indices"
-LOGITS_NAME = "logits"
 MIN_OPSET, MAX_OPSET = 17, 21
 EXPORTERS = ("torchscript", "dynamo")
 EXTERNAL_DATA_BYTES = 1_800_000_000  # below protobuf's 2 GB limit, with headroom
@@ -55,10 +50,6 @@ class ExportResult:
     report: ValidationReport | None
 
 
-def output_names(with_indices: bool, with_logits: bool = False) -> list[str]:
-    return [EMBEDS_NAME] + ([INDICES_NAME] if with_indices else []) + ([LOGITS_NAME] if with_logits else [])
-
-
 class WithClassifier(torch.nn.Module):
     """Adds ``logits = logit_scale * normalize(image_embeds) @ class_embeds.T`` (``[B, C]``) as a
     last output, with the class text embeddings baked in as a constant. Other attributes (schedule,
@@ -77,7 +68,7 @@ class WithClassifier(torch.nn.Module):
             return getattr(self.encoder, name)
 
     def forward(self, pixels: torch.Tensor):
-        out = _as_tuple(self.encoder(pixels))
+        out = as_tuple(self.encoder(pixels))
         emb = torch.nn.functional.normalize(out[0], dim=-1)
         return (*out, self.logit_scale * emb @ self.class_embeds.t())
 
@@ -93,18 +84,6 @@ def mha_fastpath_disabled():
         torch.backends.mha.set_fastpath_enabled(prev)
 
 
-def _check_output_dir(out: Path) -> None:
-    parent = out.parent
-    try:
-        parent.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise PrtoolError(f"cannot create output directory {parent} ({exc.strerror}): pass a writable --out") from None
-    if not os.access(parent, os.W_OK):
-        raise PrtoolError(f"output directory {parent} is not writable: pass a writable --out")
-    if out.suffix != ".onnx":
-        raise PrtoolError(f"output {out} must end in .onnx")
-
-
 def trace_to_onnx(encoder: torch.nn.Module, example: torch.Tensor, path: Path, opset: int, exporter: str,
                   names: list[str]) -> None:
     """Run torch.onnx with batch as the only dynamic axis; the result is checked for it."""
@@ -114,26 +93,26 @@ def trace_to_onnx(encoder: torch.nn.Module, example: torch.Tensor, path: Path, o
         raise PrtoolError("export needs an example batch of at least 2 (a batch-1 example can pin the batch axis)")
     with mha_fastpath_disabled(), torch.no_grad():
         if exporter == "torchscript":
-            axes = {n: {0: "batch"} for n in [INPUT_NAME, *names]}
+            axes = {n: {0: BATCH_AXIS} for n in [PIXELS, *names]}
             torch.onnx.export(encoder, (example,), str(path), dynamo=False, opset_version=opset,
-                              input_names=[INPUT_NAME], output_names=names, dynamic_axes=axes,
+                              input_names=[PIXELS], output_names=names, dynamic_axes=axes,
                               do_constant_folding=True)
         elif exporter == "dynamo":
-            batch = torch.export.Dim("batch", min=1, max=4096)
+            batch = torch.export.Dim(BATCH_AXIS, min=1, max=4096)
             program = torch.onnx.export(encoder, (example,), dynamo=True, opset_version=opset,
-                                        input_names=[INPUT_NAME], output_names=names,
+                                        input_names=[PIXELS], output_names=names,
                                         dynamic_shapes=({0: batch},), verbose=False)
             program.save(str(path))
         else:
             raise PrtoolError(f"unknown exporter {exporter!r}: use torchscript or dynamo")
-        shapes = [tuple(t.shape) for t in _as_tuple(encoder(example))]
+        shapes = [tuple(t.shape) for t in as_tuple(encoder(example))]
     model = onnx.load(str(path), load_external_data=False)
     declared = [tuple(example.shape)] + shapes
     for value, shape in zip(list(model.graph.input) + list(model.graph.output), declared):
         dims = value.type.tensor_type.shape.dim
         if not dims[0].dim_param:
             raise PrtoolError(f"the {exporter} exporter fixed the batch axis of {value.name}: this is a bug, please report it")
-        dims[0].dim_param = "batch"
+        dims[0].dim_param = BATCH_AXIS
         for dim, size in zip(list(dims)[1:], shape[1:]):  # the contract: every other axis is static
             dim.Clear()
             dim.dim_value = int(size)
@@ -164,7 +143,7 @@ def export_onnx(loaded: LoadedModel, spec: EncoderSpec, out: Path, options: Expo
         raise PrtoolError(f"--opset {options.opset} is newer than prtool supports ({MIN_OPSET}..{MAX_OPSET})")
     if options.exporter not in EXPORTERS:
         raise PrtoolError(f"unknown exporter {options.exporter!r}: use torchscript or dynamo")
-    _check_output_dir(out)
+    check_output_dir(out)
     encoder, predictor_meta = build_pruned_encoder(loaded, spec, normalize=options.normalize,
                                                    return_indices=options.with_kept_indices,
                                                    visual_prompts=visual_prompts)
@@ -174,25 +153,28 @@ def export_onnx(loaded: LoadedModel, spec: EncoderSpec, out: Path, options: Expo
         encoder = WithClassifier(encoder, class_embeds, float(loaded.model.logit_scale.detach().exp())).eval()
     names = output_names(options.with_kept_indices, class_embeds is not None)
     h, w = encoder.image_size
-    tmpdir = Path(tempfile.mkdtemp(prefix=".prtool-export-", dir=out.parent))
-    try:
+    with staged_outputs(out) as tmpdir:
         tmp_onnx = tmpdir / out.name
         example = torch.randn(2, 3, h, w, generator=torch.Generator().manual_seed(0))
         trace_to_onnx(encoder, example, tmp_onnx, options.opset, options.exporter, names)
-        report = None
-        if options.validate:
-            report = validate_onnx(tmp_onnx, encoder, options.images, batch_size=options.batch_size,
-                                   tolerances=options.tolerances, expected_topk=encoder.expected_topk_nodes,
-                                   preprocess=loaded.preprocess)
-            if not report.passed and not options.allow_failed_validation:
-                raise ValidationError(f"validation of the export failed: {report.failure_summary()} "
-                                      "(pass --allow-failed-validation to keep the files anyway)", report)
+        report = _validate_export(tmp_onnx, encoder, names, spec, options, loaded.preprocess)
         manifest = build_manifest(loaded, spec, encoder, tmp_onnx, options, names, predictor_meta, report,
                                   extra=extra_manifest)
         manifest_path = out.with_suffix(".json")
         write_json_atomic(tmpdir / manifest_path.name, manifest)
-        for f in tmpdir.iterdir():
-            os.replace(f, out.parent / f.name)
-        return ExportResult(out, manifest_path, manifest, report)
-    finally:
-        shutil.rmtree(tmpdir, ignore_errors=True)
+    return ExportResult(out, manifest_path, manifest, report)
+
+
+def _validate_export(path: Path, encoder, names: list[str], spec: EncoderSpec, options: ExportOptions,
+                     preprocess: dict) -> ValidationReport | None:
+    """The export's built-in validation; a failure raises unless ``options.allow_failed_validation``."""
+    if not options.validate:
+        return None
+    report = validate_onnx(path, encoder, names, options.images, batch_size=options.batch_size,
+                           tolerances=options.tolerances, expected_topk=encoder.expected_topk_nodes,
+                           preprocess=preprocess)
+    if not options.allow_failed_validation:
+        result = {"onnx": None, "manifest": None, "schedule": spec.schedule.to_string() or "none",
+                  "keep": list(spec.schedule.keep), "passed": False, "validation": report.to_dict()}
+        report.raise_if_failed("the export", "pass --allow-failed-validation to keep the files anyway", result)
+    return report

@@ -7,6 +7,7 @@ import os
 import tempfile
 from pathlib import Path
 
+from prtool.io_names import BATCH_AXIS, KEPT_INDICES, LOGITS, PIXELS
 from prtool.models import sha256_file
 
 MANIFEST_VERSION = 1
@@ -54,13 +55,13 @@ def build_manifest(loaded, spec, encoder, onnx_path: Path, options, names: list[
     """Everything a consumer (or a later prtool command) needs to know about an exported graph."""
     h, w = encoder.image_size
     embed_dim = encoder.proj.shape[1] if encoder.proj is not None else encoder.width
-    outputs = [{"name": names[0], "dtype": "float32", "shape": ["batch", embed_dim],
+    outputs = [{"name": names[0], "dtype": "float32", "shape": [BATCH_AXIS, embed_dim],
                 "l2_normalized": options.normalize}]
-    if "kept_patch_indices" in names:
-        outputs.append({"name": "kept_patch_indices", "dtype": "int64", "shape": ["batch", spec.schedule.final_keep],
+    if KEPT_INDICES in names:
+        outputs.append({"name": KEPT_INDICES, "dtype": "int64", "shape": [BATCH_AXIS, spec.schedule.final_keep],
                         "meaning": "row-major patch indices (0..N-1) kept after the last stage, most important first"})
-    if "logits" in names:
-        outputs.append({"name": "logits", "dtype": "float32", "shape": ["batch", int(encoder.class_embeds.shape[0])],
+    if LOGITS in names:
+        outputs.append({"name": LOGITS, "dtype": "float32", "shape": [BATCH_AXIS, int(encoder.class_embeds.shape[0])],
                         "meaning": "logit_scale * cos(image, class text); class order in the manifest's 'classnames'",
                         "logit_scale": encoder.logit_scale})
     manifest = {
@@ -72,7 +73,7 @@ def build_manifest(loaded, spec, encoder, onnx_path: Path, options, names: list[
         "num_prefix_tokens": encoder.num_prefix,
         "predictor_meta": predictor_meta,
         "predictor_sha256": sha256_file(spec.predictor_path) if spec.predictor_path else None,
-        "inputs": [{"name": "pixel_values", "dtype": "float32", "shape": ["batch", 3, h, w]}],
+        "inputs": [{"name": PIXELS, "dtype": "float32", "shape": [BATCH_AXIS, 3, h, w]}],
         "outputs": outputs,
         "preprocess": loaded.preprocess,
         "opset": options.opset,

@@ -8,9 +8,6 @@ placeholder embeddings by the learned context. Output ``text_embeds`` float32 ``
 
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +15,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from prtool.errors import PrtoolError, ValidationError
+from prtool.artifacts import check_output_dir, staged_outputs
+from prtool.errors import PrtoolError
+from prtool.io_names import BATCH_AXIS, TEXT_EMBEDS, TEXT_IDS
 from prtool.manifest import package_versions, write_json_atomic
 from prtool.models import LoadedModel, sha256_file
 from prtool.prompts import PLACEHOLDER, encode_text_embeddings
@@ -43,11 +42,11 @@ class TextEncoder(nn.Module):
 def export_text(loaded: LoadedModel, out: Path, tokens: Path | None = None, classnames: list[str] | None = None,
                 opset: int = 18, atol: float = 1e-4, allow_other_weights: bool = False) -> dict:
     """Export, check against PyTorch on the class prompts, and write ``out`` + manifest atomically."""
-    from prtool.export import _check_output_dir, mha_fastpath_disabled
-    from prtool.validate import ort_session
+    from prtool.export import mha_fastpath_disabled
+    from prtool.runtime import ort_session
 
     out = Path(out)
-    _check_output_dir(out)
+    check_output_dir(out)
     tokenizer = loaded.tokenizer()
     ctx, n_ctx = None, 0
     if tokens is not None:
@@ -66,22 +65,20 @@ def export_text(loaded: LoadedModel, out: Path, tokens: Path | None = None, clas
     prefix = " ".join([PLACEHOLDER] * n_ctx)
     ids = tokenizer([f"{prefix} {c}.".strip() for c in classnames])
     enc = TextEncoder(loaded.model, ctx).eval()
-    tmpdir = Path(tempfile.mkdtemp(prefix=".prtool-export-", dir=out.parent))
-    try:
+    with staged_outputs(out) as tmpdir:
         tmp = tmpdir / out.name
         example = ids[:2] if len(ids) >= 2 else ids.repeat(2, 1)
         with mha_fastpath_disabled(), torch.no_grad():
-            torch.onnx.export(enc, (example,), str(tmp), dynamo=False, opset_version=opset, input_names=["input_ids"],
-                              output_names=["text_embeds"], dynamic_axes={"input_ids": {0: "batch"}, "text_embeds": {0: "batch"}})
+            torch.onnx.export(enc, (example,), str(tmp), dynamo=False, opset_version=opset, input_names=[TEXT_IDS],
+                              output_names=[TEXT_EMBEDS],
+                              dynamic_axes={TEXT_IDS: {0: BATCH_AXIS}, TEXT_EMBEDS: {0: BATCH_AXIS}})
             ref = enc(ids).numpy()
-        got = ort_session(tmp).run(None, {"input_ids": ids.numpy().astype(np.int64)})[0]
-        err = float(np.abs(got - ref).max())
-        if err > atol:
-            raise ValidationError(f"text export differs from PyTorch by {err:.2e} > {atol}")
+        got = ort_session(tmp).run(None, {TEXT_IDS: ids.numpy().astype(np.int64)})[0]
+        err = _check_text(got, ref, atol, classnames)
         manifest = {"prtool_manifest": 1, "kind": "onnx-text-encoder", "source": loaded.model_id,
-                    "inputs": [{"name": "input_ids", "dtype": "int64", "shape": ["batch", int(ids.shape[1])],
+                    "inputs": [{"name": TEXT_IDS, "dtype": "int64", "shape": [BATCH_AXIS, int(ids.shape[1])],
                                 "meaning": f"open_clip tokens of '{(prefix + ' ').lstrip()}{{classname}}.'"}],
-                    "outputs": [{"name": "text_embeds", "dtype": "float32", "shape": ["batch", int(ref.shape[1])],
+                    "outputs": [{"name": TEXT_EMBEDS, "dtype": "float32", "shape": [BATCH_AXIS, int(ref.shape[1])],
                                  "l2_normalized": True}],
                     "n_ctx": n_ctx, "tokens": str(tokens) if tokens else None,
                     "tokens_sha256": sha256_file(tokens) if tokens else None,
@@ -89,8 +86,15 @@ def export_text(loaded: LoadedModel, out: Path, tokens: Path | None = None, clas
                     "validation": {"classnames": classnames, "max_abs": err, "atol": atol},
                     "opset": opset, "versions": package_versions(), "onnx_sha256": sha256_file(tmp)}
         write_json_atomic(tmpdir / out.with_suffix(".json").name, manifest)
-        for f in tmpdir.iterdir():
-            os.replace(f, out.parent / f.name)
-        return {"onnx": str(out), "manifest": str(out.with_suffix(".json")), "max_abs": err, "n_ctx": n_ctx}
-    finally:
-        shutil.rmtree(tmpdir, ignore_errors=True)
+    return {"onnx": str(out), "manifest": str(out.with_suffix(".json")), "max_abs": err, "n_ctx": n_ctx}
+
+
+def _check_text(got: np.ndarray, ref: np.ndarray, atol: float, classnames: list[str]) -> float:
+    """The text export's one check (max abs difference on the class prompts); raises when it fails."""
+    from prtool.validate import FIXES, ValidationReport
+
+    err = float(np.abs(got - ref).max())
+    report = ValidationReport(images=f"{len(classnames)} class prompts")
+    report.add(f"{TEXT_EMBEDS} vs PyTorch", err <= atol, f"max abs {err:.2e} (atol {atol})", FIXES["values"])
+    report.raise_if_failed("the text export", "the library's export_text(atol=...) sets the tolerance")
+    return err

@@ -102,7 +102,7 @@ def test_ort_sessions_do_not_spin(tiny, tmp_path):
     """Interleaved timing needs idle sessions to sleep: spinning threads steal the active one's cores."""
     from prtool.build import EncoderSpec, schedule_for
     from prtool.export import ExportOptions, export_onnx
-    from prtool.validate import ort_session
+    from prtool.runtime import ort_session
 
     path = export_onnx(tiny, EncoderSpec(schedule_for(tiny, "none")), tmp_path / "m.onnx", ExportOptions(validate=False)).onnx_path
     opts = ort_session(path).get_session_options()

@@ -20,9 +20,10 @@ from prtool.deploy.engine_manifest import (
     engine_mismatches,
     read_engine_manifest,
 )
-from prtool.deploy.ort_gpu import check_providers, create_session, provider_options
+from prtool.deploy.ort_gpu import check_providers, provider_options
 from prtool.errors import PrtoolError
 from prtool.manifest import write_json_atomic
+from prtool.runtime import ort_session
 
 RECIPES = Path(__file__).parents[1] / "export" / "recipes"
 def one_line_error(code, err, *fragments):
@@ -316,8 +317,8 @@ def test_provider_options_and_missing_gpu_provider(vitb16):
 
     if "CUDAExecutionProvider" not in ort.get_available_providers():
         with pytest.raises(PrtoolError, match="CUDAExecutionProvider is not in this onnxruntime build"):
-            create_session(vitb16, "cuda")
-    assert create_session(vitb16, "cpu").get_providers() == ["CPUExecutionProvider"]
+            ort_session(vitb16, "cuda")
+    assert ort_session(vitb16, "cpu").get_providers() == ["CPUExecutionProvider"]
 
 
 def test_engine_validation_needs_tensorrt_and_rejects_onnx_options(capsys, tmp_path, vitb16):

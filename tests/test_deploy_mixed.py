@@ -10,8 +10,9 @@ import torch
 from conftest import cli
 from test_deploy import one_line_error
 
-from prtool.deploy.mixed_check import MIXED_TOLERANCES, judge
+from prtool.deploy.mixed_check import judge
 from prtool.deploy.mixed_precision import check_mixed_graph, fp32_plan, index_path_nodes, scoring_nodes
+from prtool.validate import MIXED_TOLERANCES
 
 
 def test_plan_keeps_the_scores_and_the_index_path_in_fp32(exported):
@@ -54,15 +55,15 @@ def mixed(exported):
 
 
 def test_mixed_graph_runs_in_onnxruntime_like_fp32(exported, mixed):
-    from prtool.deploy.ort_gpu import create_session
     from prtool.manifest import read_manifest_for
+    from prtool.runtime import ort_session
 
     dst, record = mixed
     assert record["type"] == "fp16" and record["converter"].startswith("modelopt.onnx.autocast")
     assert read_manifest_for(dst)["mixed_precision"]["fp32_nodes"] == record["fp32_nodes"] > 0
     x = torch.randn(5, 3, 64, 64, generator=torch.Generator().manual_seed(0)).numpy()
-    ref = create_session(exported[0]).run(None, {"pixel_values": x})
-    got = create_session(dst, graph_optimization="ORT_ENABLE_EXTENDED").run(None, {"pixel_values": x})
+    ref = ort_session(exported[0]).run(None, {"pixel_values": x})
+    got = ort_session(dst).run(None, {"pixel_values": x})
     cos = (ref[0] * got[0]).sum(-1) / np.linalg.norm(ref[0], axis=-1) / np.linalg.norm(got[0], axis=-1)
     assert cos.min() > 0.999 and got[0].dtype == np.float32
     assert all(set(a) == set(b) for a, b in zip(ref[1], got[1]))
@@ -80,7 +81,8 @@ def test_check_catches_a_conversion_that_lowers_the_scores(exported):
 
 
 def test_validate_uses_the_fp16_preset_for_a_mixed_export(checkpoint, mixed):
-    from prtool.deploy.verify import PRECISION_TOLERANCES, validate_artifact
+    from prtool.deploy.verify import validate_artifact
+    from prtool.validate import PRECISION_TOLERANCES
 
     res = validate_artifact(mixed[0], pretrained=str(checkpoint))
     assert res["passed"], res["validation"]["checks"]

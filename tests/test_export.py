@@ -8,7 +8,7 @@ import torch
 from prtool.build import EncoderSpec, build_pruned_encoder, schedule_for
 from prtool.export import ExportOptions, export_onnx
 from prtool.onnx_graph import inspect_onnx, topk_nodes
-from prtool.validate import ort_session
+from prtool.runtime import ort_session
 
 
 def _export(tiny, tmp_path, schedule="1:16,2:16", scorer="cls-attn", **kw):

@@ -324,7 +324,7 @@ def _runner(monkeypatch, fake_trt, plan, device=0, **kwargs):
 
 def test_runner_feeds_engine_dtype_on_its_own_stream_and_device(monkeypatch, fake_trt, fake_engine):
     runner, calls, cuda = _runner(monkeypatch, fake_trt, fake_engine, device=1, input_dtype="float16")
-    out = runner.infer(np.zeros((2, 3, 8, 8), np.float32))
+    out = runner.infer({"pixel_values": np.zeros((2, 3, 8, 8), np.float32)})
     assert cuda.current == 1 and runner._bound["pixel_values"].dtype == torch.float16
     assert ("execute_async_v3", 4242) in calls and out["image_embeds"].shape == (2, 4)
     names = [c[0] for c in calls]
@@ -336,7 +336,7 @@ def test_runner_error_paths(monkeypatch, fake_trt, fake_engine):
         _runner(monkeypatch, fake_trt, fake_engine, engine_ok=False)
     runner, _, _ = _runner(monkeypatch, fake_trt, fake_engine, shape_ok=False)
     with pytest.raises(PrtoolError, match=r"rejected input shape \[2, 3, 9, 9\] for pixel_values"):
-        runner.infer(np.zeros((2, 3, 9, 9), np.float32))
+        runner.infer({"pixel_values": np.zeros((2, 3, 9, 9), np.float32)})
 
 
 # ---- onnxruntime on GPUs, and the install story -------------------------------------------------------
@@ -352,7 +352,7 @@ def test_cuda_provider_runs_fp32_without_tf32():
 
 
 def test_tensorrt_provider_imports_tensorrt_before_the_session(monkeypatch, vitb16):
-    from prtool.deploy import ort_gpu
+    from prtool.runtime import ort_session
 
     made = []
 
@@ -371,15 +371,15 @@ def test_tensorrt_provider_imports_tensorrt_before_the_session(monkeypatch, vitb
     monkeypatch.setitem(sys.modules, "onnxruntime", fake_ort)
     monkeypatch.setitem(sys.modules, "tensorrt", None)  # not installed
     with pytest.raises(MissingDependencyError, match="tensorrt is not installed .*TensorRT provider"):
-        ort_gpu.create_session(vitb16, "tensorrt")
+        ort_session(vitb16, "tensorrt")
     assert made == []
     monkeypatch.setitem(sys.modules, "tensorrt", fake_tensorrt("10.13.0.35"))
-    ort_gpu.create_session(vitb16, "tensorrt")
+    ort_session(vitb16, "tensorrt")
     assert made == [True]
     monkeypatch.setitem(sys.modules, "tensorrt", fake_tensorrt("11.4.0.106"))  # 1.26's provider is for TensorRT 10
     with pytest.raises(PrtoolError, match="onnxruntime 1.26.0's TensorRT provider is built for TensorRT 10, but "
                                           "TensorRT 11 is installed: pip install 'prtool.gpu.'"):
-        ort_gpu.create_session(vitb16, "tensorrt")
+        ort_session(vitb16, "tensorrt")
     assert made == [True]
 
 

@@ -14,6 +14,7 @@ from prtool.errors import PrtoolError
 from prtool.evaluate import evaluate_zero_shot
 from prtool.export import ExportOptions, export_onnx
 from prtool.prompts import load_tokens
+from prtool.runtime import ort_session
 from prtool.tune import (
     TuneConfig,
     evaluate_tuned,
@@ -23,7 +24,6 @@ from prtool.tune import (
     tune_tokens,
     tuned_encoder,
 )
-from prtool.validate import ort_session
 
 
 @pytest.fixture(scope="module")

@@ -1,6 +1,6 @@
 """A bench of deliberately broken exports: each must fail its named validation check, exit 2 and
 leave no file, through ``export_onnx``, ``prtool export``, ``prtool validate`` and the engine/ORT-GPU
-comparison core (``prtool.deploy.verify.compare_runner``).
+comparison core (``prtool.validate.compare``).
 
 The broken graphs are made by ONNX graph surgery on a real tiny-model export (so PyTorch, the
 reference, stays right), except one: a TopK keeping the lowest scores patched into the model
@@ -24,14 +24,14 @@ from onnx import TensorProto, helper, numpy_helper
 
 import prtool.export
 from prtool.build import EncoderSpec, schedule_for
-from prtool.deploy.ort_gpu import OrtRunner
 from prtool.deploy.rebuild import rebuild_encoder
-from prtool.deploy.verify import PRECISION_TOLERANCES, compare_runner, validate_artifact
+from prtool.deploy.verify import validate_artifact
 from prtool.errors import ValidationError
 from prtool.export import ExportOptions, export_onnx
 from prtool.models import load_clip, sha256_file
 from prtool.pruned import PrunedVisionTransformer
-from prtool.validate import validation_images
+from prtool.runtime import OrtRunner
+from prtool.validate import PRECISION_TOLERANCES, TorchRunner, compare, validation_images
 
 SCHEDULE = "1:16,2:16"
 EMB, KEPT = "image_embeds", "kept_patch_indices"
@@ -238,8 +238,8 @@ def test_verify_core_refuses(case, broken_copy, checkpoint):
     manifest = json.loads(path.with_suffix(".json").read_text())
     rebuilt = rebuild_encoder(manifest, str(checkpoint))
     pixels, _ = validation_images(None, rebuilt.loaded.preprocess, 7)
-    report = compare_runner(OrtRunner(path).infer, rebuilt.encoder, pixels, rebuilt.output_names,
-                            PRECISION_TOLERANCES["fp32"])
+    report = compare(OrtRunner(path), TorchRunner(rebuilt.encoder, rebuilt.output_names), pixels,
+                     PRECISION_TOLERANCES["fp32"])
     assert CASES[case][1] in failed(report.checks)
 
 

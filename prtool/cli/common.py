@@ -6,6 +6,7 @@ errors go to stderr. Only the CLI configures logging handlers.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import sys
@@ -123,3 +124,20 @@ def check_inputs(predictor=None, tokens=None, onnx=None) -> None:
         from prtool.onnx_graph import load_onnx
 
         load_onnx(onnx)
+
+
+@contextlib.contextmanager
+def failed_validation_shown(as_json: bool):
+    """Let a :class:`~prtool.errors.ValidationError` through after showing what failed, the same way for every
+    command (export, export-text, validate): its result document on stdout with ``--json``, else the checks as a
+    table on stderr. ``prtool.cli.app.main`` then prints the error's one line and exits 2."""
+    from prtool.errors import ValidationError
+
+    try:
+        yield
+    except ValidationError as exc:
+        if as_json and exc.result is not None:
+            emit(exc.result, True)
+        elif exc.report is not None:
+            print_checks(exc.report.checks, f"validation (failed) on {exc.report.images}", stderr=True)
+        raise

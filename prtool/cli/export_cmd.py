@@ -8,7 +8,16 @@ from typing import Annotated
 import typer
 
 from prtool.cli import options as o
-from prtool.cli.common import check_inputs, check_output, check_schedule_syntax, emit, print_checks, setup, table
+from prtool.cli.common import (
+    check_inputs,
+    check_output,
+    check_schedule_syntax,
+    emit,
+    failed_validation_shown,
+    print_checks,
+    setup,
+    table,
+)
 
 
 def export(
@@ -47,7 +56,6 @@ def export(
     params = dict(locals())  # the options, before any local import joins the namespace
     setup(quiet, verbose)
     from prtool.build import EncoderSpec, resolve_predictor, schedule_for
-    from prtool.errors import ValidationError
     from prtool.export import ExportOptions, export_onnx
     from prtool.models import load_clip
     from prtool.recipes import apply_recipe
@@ -75,16 +83,9 @@ def export(
         from prtool.tune import export_extras
 
         extras = export_extras(loaded, spec, tokens, classifier, load_dataset(data, "test") if data else None, data)
-    try:
+    with failed_validation_shown(as_json):
         result = export_onnx(loaded, spec, values["out"], opts, visual_prompts=extras["visual_prompts"],
                              extra_manifest=extras["manifest"], class_embeds=extras["class_embeds"])
-    except ValidationError as exc:
-        if exc.report is not None and as_json:  # the report is the result, as `validate --json` prints it
-            emit({"onnx": None, "manifest": None, "schedule": sched.to_string() or "none", "keep": list(sched.keep),
-                  "passed": False, "validation": exc.report.to_dict()}, True)
-        elif exc.report is not None:
-            print_checks(exc.report.checks, "export validation", stderr=True)
-        raise
     summary = {"onnx": str(result.onnx_path), "manifest": str(result.manifest_path),
                "schedule": sched.to_string() or "none", "keep": list(sched.keep),
                "predictor": result.manifest["predictor"],

@@ -8,7 +8,16 @@ from typing import Annotated
 import typer
 
 from prtool.cli import options as o
-from prtool.cli.common import check_inputs, check_output, check_schedule_syntax, dataset_note, emit, setup, table
+from prtool.cli.common import (
+    check_inputs,
+    check_output,
+    check_schedule_syntax,
+    dataset_note,
+    emit,
+    failed_validation_shown,
+    setup,
+    table,
+)
 
 
 def tune(
@@ -89,5 +98,6 @@ def export_text(
     from prtool.text_export import export_text as run
 
     loaded = load_clip(model, pretrained)
-    result = run(loaded, out, tokens, opset=opset, allow_other_weights=allow_other_weights)
+    with failed_validation_shown(as_json):
+        result = run(loaded, out, tokens, opset=opset, allow_other_weights=allow_other_weights)
     emit(result, as_json, lambda r: print(f"wrote {r['onnx']} (n_ctx {r['n_ctx']}, max abs diff vs PyTorch {r['max_abs']:.1e})"))

@@ -30,9 +30,11 @@ from pathlib import Path
 
 import numpy as np
 
+from prtool.deploy.consumers import CONSUMERS
+from prtool.io_names import EMBEDS, PIXELS
+
 # Consumers outside Python (prtool.deploy.consumers) read image files, not pixels: their cells run
 # on the same canvases written as PNG, preprocessed by the consumer itself.
-CONSUMERS = ("cpp-onnxruntime", "cpp-openvino", "node-ort-web", "chromium-ort-web")
 RUNTIMES = ("onnxruntime-cpu", "onnx-reference", "opencv-dnn", "polygraphy-onnxrt", "tensorrt") + CONSUMERS
 _MODULES = {"onnxruntime-cpu": "onnxruntime", "onnx-reference": "onnx", "opencv-dnn": "cv2",
             "polygraphy-onnxrt": "polygraphy", "tensorrt": "tensorrt", "cpp-onnxruntime": "export/cpp prtool-embed",
@@ -94,13 +96,15 @@ def runtime_version(runtime: str) -> str | None:
 
 def run_runtime(runtime: str, onnx_path: Path, pixels: np.ndarray, workdir: Path) -> list[np.ndarray]:
     """The graph's outputs for ``pixels`` ``[B, 3, H, W]`` float32 on ``runtime`` (in this process)."""
-    feed = {"pixel_values": pixels}
+    feed = {PIXELS: pixels}
     if runtime in CONSUMERS:
-        return run_consumer(runtime, onnx_path, sorted(workdir.glob("canvas_*.png")))
-    if runtime == "onnxruntime-cpu":
-        import onnxruntime as ort
+        from prtool.deploy.consumers import run_consumer
 
-        return ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"]).run(None, feed)
+        return [run_consumer(runtime, onnx_path, sorted(workdir.glob("canvas_*.png")))[EMBEDS]]
+    if runtime == "onnxruntime-cpu":
+        from prtool.runtime import ort_session
+
+        return ort_session(onnx_path).run(None, feed)
     if runtime == "onnx-reference":
         from onnx.reference import ReferenceEvaluator
 
@@ -125,19 +129,8 @@ def run_runtime(runtime: str, onnx_path: Path, pixels: np.ndarray, workdir: Path
         plan = workdir / (onnx_path.stem + ".plan")
         b = pixels.shape[0]
         build_engine(resolve_build_config(onnx_path, "fp32", 1, b, b), plan)
-        return list(TensorRTRunner(plan).infer(pixels).values())
+        return list(TensorRTRunner(plan).infer(feed).values())
     raise ValueError(f"unknown runtime {runtime!r}")
-
-
-def run_consumer(runtime: str, onnx_path: Path, images: list[Path]) -> list[np.ndarray]:
-    """A consumer's ``image_embeds`` on image files (what the matrix compares)."""
-    from prtool.deploy import consumers
-
-    if runtime.startswith("cpp-"):
-        doc = consumers.run_cpp(onnx_path, images, runtime[4:])
-    else:
-        doc = (consumers.run_node if runtime == "node-ort-web" else consumers.run_chromium)(onnx_path, images)
-    return [np.array([entry["image_embeds"] for entry in doc["images"]], dtype=np.float32)]
 
 
 def cell_main(argv: list[str]) -> int:
@@ -175,16 +168,19 @@ def run_isolated(runtime: str, onnx_path: Path, pixels_path: Path, workdir: Path
     return "crash", f"the process died ({how}){': ' + last[:200] if last else ''}"
 
 
-def _cell_result(status: str, payload, reference: np.ndarray) -> dict:
-    from prtool.validate import Tolerances, compare_embeddings
+def _cell_result(status: str, payload, reference: np.ndarray, pixels: np.ndarray) -> dict:
+    """A cell's verdict: the runtime's ``image_embeds`` through :func:`prtool.validate.compare` (FP32 preset)."""
+    from prtool.validate import RecordedRunner, Tolerances, compare
 
     if status != "ok":
         return {"status": "crash" if status == "crash" else "error", "detail": str(payload)[:300]}
-    out = payload[0]
-    if out.shape != reference.shape:
-        return {"status": "mismatch", "detail": f"output shape {list(out.shape)} != {list(reference.shape)}"}
-    m = compare_embeddings(out.astype(np.float32), reference, Tolerances())
-    return {"status": "pass" if m["within_tolerance"] else "mismatch", "max_abs": m["max_abs"],
+    got = RecordedRunner({EMBEDS: payload[0].astype(np.float32)}, pixels)
+    report = compare(got, RecordedRunner({EMBEDS: reference}, pixels), pixels, Tolerances(), batch_one=False,
+                     independence=False)
+    (row,), (m,) = report.checks, report.metrics.values()
+    if "max_abs" not in m:  # the shape row
+        return {"status": "mismatch", "detail": row["detail"]}
+    return {"status": "pass" if report.passed else "mismatch", "max_abs": m["max_abs"],
             "min_cosine": m["min_cosine"], "detail": f"max abs {m['max_abs']:.1e}, min cos {m['min_cosine']:.6f}"}
 
 
@@ -254,7 +250,7 @@ def run_compat(loaded, schedule, variants=VARIANTS, runtimes=RUNTIMES, batch: in
                     cells[variant.name][runtime] = {"status": "not run", "detail": "no CUDA GPU here"}
                     continue
                 status, payload = run_isolated(runtime, path, work / "pixels.npy", work, timeout)
-                cells[variant.name][runtime] = _cell_result(status, payload, reference)
+                cells[variant.name][runtime] = _cell_result(status, payload, reference, pixels)
     tol = Tolerances()
     return {"command": command, "model": loaded.model_id, "schedule": schedule.to_string(), "keep": list(schedule.keep),
             "scorer": "predictor (untrained, seeded; weights saved and shared with the PyTorch reference)",

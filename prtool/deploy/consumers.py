@@ -3,7 +3,8 @@ Runtime and OpenVINO backends), ``export/web`` under Node and in headless Chromi
 
 Each runner takes an export (``model.onnx`` with its ``model.json``) and image files and returns the
 JSON document the consumer wrote: per image ``image_embeds`` and, when the export has them,
-``kept_patch_indices``, ``logits`` and ``top5``. Chromium loads the page from a server on
+``kept_patch_indices``, ``logits`` and ``top5``. :class:`ConsumerRunner` makes any of them a runner
+for :func:`prtool.validate.compare`. Chromium loads the page from a server on
 127.0.0.1 (a module import from ``file://`` is blocked) and POSTs its document back to it.
 """
 
@@ -21,7 +22,10 @@ from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import quote
 
+import numpy as np
+
 from prtool.errors import PrtoolError
+from prtool.io_names import EMBEDS, KEPT_INDICES, LOGITS, PIXELS
 
 ROOT = Path(__file__).resolve().parents[2]
 CPP_DIR = ROOT / "export" / "cpp"
@@ -97,6 +101,54 @@ def run_node(onnx: Path, images: list[Path], batch: int = 8, dump_pixels: Path |
         cmd = ["node", str(WEB_DIR / "embed-node.mjs"), str(onnx), *map(str, images), "--batch", str(batch)]
         cmd += ["--dump-pixels", str(dump_pixels)] if dump_pixels else []
         return _read_doc(cmd, "node embed-node.mjs", Path(tmp) / "out.json", timeout)
+
+
+CONSUMERS = ("cpp-onnxruntime", "cpp-openvino", "node-ort-web", "chromium-ort-web")
+
+
+def doc_outputs(doc: dict) -> dict[str, np.ndarray]:
+    """A consumer's document as ``{output name: array [N, ...]}``, for the outputs it holds."""
+    out = {}
+    for name, dtype in ((EMBEDS, np.float32), (KEPT_INDICES, np.int64), (LOGITS, np.float32)):
+        if doc["images"] and name in doc["images"][0]:
+            out[name] = np.array([entry[name] for entry in doc["images"]], dtype=dtype)
+    return out
+
+
+def run_consumer(kind: str, onnx: Path, images: list[Path]) -> dict[str, np.ndarray]:
+    """``kind`` (one of :data:`CONSUMERS`) on image files: its outputs, one row per image."""
+    if kind.startswith("cpp-") and kind in CONSUMERS:
+        doc = run_cpp(onnx, images, kind[4:])
+    elif kind == "node-ort-web":
+        doc = run_node(onnx, images)
+    elif kind == "chromium-ort-web":
+        doc = run_chromium(onnx, images)
+    else:
+        raise PrtoolError(f"unknown consumer {kind!r}: use one of {', '.join(CONSUMERS)}")
+    return doc_outputs(doc)
+
+
+class ConsumerRunner:
+    """A consumer as a runner: ``infer({pixel_values: rows})`` runs it on the image files whose prtool
+    preprocessing gave those rows (``pixels[i]`` is ``images[i]``'s), so batches, single samples and
+    reversed batches all work. The consumer decodes and preprocesses the files itself: a difference in
+    its preprocessing shows up as a difference in its outputs."""
+
+    def __init__(self, kind: str, onnx: Path, images: list[Path], pixels):
+        self.kind, self.onnx, self.images = kind, Path(onnx), [Path(p) for p in images]
+        self.pixels = np.asarray(pixels, dtype=np.float32)
+        if len(self.pixels) != len(self.images):
+            raise PrtoolError(f"{len(self.images)} images but {len(self.pixels)} rows of pixels: give one row per image")
+
+    def _file(self, row: np.ndarray) -> Path:
+        for image, pixels in zip(self.images, self.pixels):
+            if np.array_equal(pixels, row):
+                return image
+        raise PrtoolError(f"the {self.kind} consumer runs on image files: feed rows of the pixels it was given")
+
+    def infer(self, feeds: dict) -> dict[str, np.ndarray]:
+        rows = np.asarray(feeds[PIXELS], dtype=np.float32)
+        return run_consumer(self.kind, self.onnx, [self._file(r) for r in rows])
 
 
 class _Handler(SimpleHTTPRequestHandler):

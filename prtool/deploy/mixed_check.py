@@ -3,8 +3,8 @@
 ``python -m prtool.deploy.mixed_check runs/x/model.fp16.onnx --data testbed`` rebuilds the FP32
 encoder from the ONNX's manifest, runs both on every image (onnxruntime CPU for the ONNX) and
 reports zero-shot top-1 of each, their top-1 agreement, the per-image embedding cosine and the
-kept-patch set agreement. :data:`MIXED_TOLERANCES` are dataset-level criteria for a reduced
-precision graph; they never loosen the FP32 checks (``prtool.deploy.verify.PRECISION_TOLERANCES``).
+kept-patch set agreement, judged by :data:`prtool.validate.MIXED_TOLERANCES` (dataset-level criteria
+for a reduced precision graph, beside the per-image presets ``prtool.validate.PRECISION_TOLERANCES``).
 
 onnxruntime's CPU provider has few fp16 kernels: it runs most fp16 nodes in FP32 between inserted
 casts, so this checks the graph's structure, its fp16 weights and the rounding at every cast, not
@@ -12,8 +12,9 @@ fp16 accumulation inside matrix products (that part needs TensorRT on a GPU). ``
 reference`` runs the graph in ONNX's reference evaluator instead (numpy, every node in its own
 dtype: closer to fp16 arithmetic, ~2 s per image on the testbed, so use ``--limit``).
 
-Sessions on mixed graphs use ``ORT_ENABLE_EXTENDED``: onnxruntime 1.32 CPU's NCHWc layout
-transformer (part of the default ``ORT_ENABLE_ALL``) segfaults on AutoCast's fp16 testbed graph.
+Sessions on mixed graphs use ``ORT_ENABLE_EXTENDED`` (:func:`prtool.runtime.ort_session` sees the fp16
+tensors): onnxruntime 1.32 CPU's NCHWc layout transformer (part of the default ``ORT_ENABLE_ALL``)
+segfaults on AutoCast's fp16 testbed graph.
 """
 
 from __future__ import annotations
@@ -21,24 +22,15 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from prtool.errors import PrtoolError
-
-
-@dataclass(frozen=True)
-class MixedTolerance:
-    min_top1_agreement: float  # fraction of images whose prediction matches FP32 PyTorch's
-    max_top1_drop: float  # accuracy points lost against FP32 PyTorch
-    min_cosine: float  # worst per-image cosine to the FP32 embedding
-    min_kept_agreement: float  # mean |kept ∩ kept_fp32| / k over images
-
-
-MIXED_TOLERANCES = {"fp16": MixedTolerance(0.99, 0.5, 0.999, 0.99), "bf16": MixedTolerance(0.98, 1.0, 0.99, 0.97)}
+from prtool.io_names import PIXELS, as_tuple
+from prtool.validate import MIXED_TOLERANCES, MixedTolerance
 
 
 def _batch_figures(ref: list[np.ndarray], got: list[np.ndarray], class_emb: np.ndarray) -> dict:
@@ -61,18 +53,18 @@ class ReferenceRunner:
         self.outputs = [o.name for o in model.graph.output]
         self.evaluator = ReferenceEvaluator(model)
 
-    def infer(self, pixels) -> dict[str, np.ndarray]:
-        return dict(zip(self.outputs, self.evaluator.run(None, {"pixel_values": np.asarray(pixels, np.float32)})))
+    def infer(self, feeds: dict) -> dict[str, np.ndarray]:
+        return dict(zip(self.outputs, self.evaluator.run(None, {k: np.asarray(v) for k, v in feeds.items()})))
 
 
 def measure_mixed(onnx_path: Path, data: str = "testbed", split: str = "test", batch_size: int = 64,
                   pretrained: str | None = None, predictor: Path | None = None, limit: int | None = None,
                   runtime: str = "onnxruntime") -> dict:
     from prtool.datasets import load_dataset
-    from prtool.deploy.ort_gpu import OrtRunner
     from prtool.deploy.rebuild import rebuild_encoder
     from prtool.evaluate import text_classifier
     from prtool.manifest import checked_manifest
+    from prtool.runtime import OrtRunner
 
     onnx_path = Path(onnx_path)
     manifest = checked_manifest(onnx_path)  # refuses a missing manifest, or one of another graph, naming both
@@ -87,7 +79,7 @@ def measure_mixed(onnx_path: Path, data: str = "testbed", split: str = "test", b
     if runtime == "reference":
         runner = ReferenceRunner(onnx_path)
     elif runtime == "onnxruntime":
-        runner = OrtRunner(onnx_path, "cpu", "fp32", graph_optimization="ORT_ENABLE_EXTENDED")
+        runner = OrtRunner(onnx_path, "cpu", "fp32")
     else:
         raise PrtoolError(f"unknown runtime {runtime!r}: use onnxruntime or reference")
     figs: dict[str, list] = {}
@@ -95,8 +87,8 @@ def measure_mixed(onnx_path: Path, data: str = "testbed", split: str = "test", b
     for pixels, y, _rows in dataset.batches(batch_size, rebuilt.loaded.preprocess):
         with torch.no_grad():
             ref = rebuilt.encoder(pixels.float())
-        ref = [t.numpy() for t in (ref if isinstance(ref, (tuple, list)) else (ref,))]
-        out = runner.infer(pixels.numpy())
+        ref = [t.numpy() for t in as_tuple(ref)]
+        out = runner.infer({PIXELS: pixels.numpy()})
         got = [out[n] for n in rebuilt.output_names]
         for k, v in _batch_figures(ref, got, class_emb).items():
             figs.setdefault(k, []).append(v)

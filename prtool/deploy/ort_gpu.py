@@ -1,28 +1,21 @@
 """onnxruntime on the CPU, CUDA or TensorRT execution provider, refusing a silent CPU fallback.
 
 onnxruntime-gpu quietly drops to ``CPUExecutionProvider`` when the CUDA or TensorRT libraries
-fail to load: the session works, only 20x slower. :func:`check_providers` compares the providers
-the session actually got (``session.get_providers()``) with the one requested and raises a
-:class:`PrtoolError` naming both; it needs only an object with ``get_providers()``, so the check
-is tested on CPU with a fake session.
+fail to load: the session works, only 20x slower. Sessions come from the one factory,
+:func:`prtool.runtime.ort_session`, which takes its GPU providers from :func:`gpu_providers` here.
+:func:`check_providers` compares the providers the session actually got (``session.get_providers()``)
+with the one requested and raises a :class:`PrtoolError` naming both; it needs only an object with
+``get_providers()``, so the check is tested on CPU with a fake session.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
-
 from prtool.deploy.trt_version import check_ort_tensorrt, gpu_install_command
 from prtool.errors import PrtoolError, require
+from prtool.runtime import PROVIDERS, check_precision
 
-PROVIDERS = {
-    "cpu": ("CPUExecutionProvider",),
-    "cuda": ("CUDAExecutionProvider", "CPUExecutionProvider"),
-    "tensorrt": ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"),
-}
-# Precisions each provider can run prtool's FP32 graphs at (bf16 engines: `prtool build`).
-PROVIDER_PRECISIONS = {"cpu": ("fp32",), "cuda": ("fp32",), "tensorrt": ("fp32", "fp16")}
 # `onnxruntime` (a base dependency) and `onnxruntime-gpu` install the same `onnxruntime` package: whichever was
 # installed last wins, so the GPU build is reinstalled over it without touching its dependencies.
 FALLBACK_HINT = (f"install onnxruntime-gpu over the CPU build ({gpu_install_command(11)}; TensorRT 10 / CUDA 12: "
@@ -49,9 +42,7 @@ def provider_options(provider: str, precision: str = "fp32", profile=None, fp32_
     the batch-only optimization profile (``profile``: a :class:`~prtool.deploy.build_config.Profile`),
     and engine/timing caches under ``cache_dir`` (building an engine takes minutes).
     """
-    if precision not in PROVIDER_PRECISIONS[provider]:
-        raise PrtoolError(f"the {provider} provider runs prtool's graphs at {'/'.join(PROVIDER_PRECISIONS[provider])}, "
-                          f"not {precision}: build a TensorRT engine with `prtool build --precision {precision}`")
+    check_precision(provider, precision)
     opts: list[dict] = [{} for _ in PROVIDERS[provider]]
     if "CUDAExecutionProvider" in PROVIDERS[provider] and precision == "fp32":
         opts[PROVIDERS[provider].index("CUDAExecutionProvider")] = {"use_tf32": "0"}
@@ -72,15 +63,13 @@ def provider_options(provider: str, precision: str = "fp32", profile=None, fp32_
     return opts
 
 
-def create_session(path: Path, provider: str = "cpu", precision: str = "fp32", profile=None, fp32_norm: bool = True,
-                   cache_dir: Path | None = None, graph_optimization: str | None = None):
-    """An ``InferenceSession`` on ``provider`` (cpu, cuda, tensorrt), checked for a silent fallback.
+def gpu_providers(ort, provider: str, precision: str = "fp32", profile=None, fp32_norm: bool = True,
+                  cache_dir: Path | None = None) -> list[tuple[str, dict]]:
+    """``[(provider name, options)]`` for :func:`prtool.runtime.ort_session` on a GPU ``provider``.
 
-    ``graph_optimization`` names an ``ort.GraphOptimizationLevel`` (default: onnxruntime's, ENABLE_ALL).
+    Refuses a provider this onnxruntime build lacks; for TensorRT, imports ``tensorrt`` first (the
+    wheel preloads the libraries the provider finds) and checks its major against onnxruntime's.
     """
-    ort = require("onnxruntime", "gpu" if provider != "cpu" else None, f"running ONNX on {provider}")
-    if provider not in PROVIDERS:
-        raise PrtoolError(f"unknown provider {provider!r}: use one of {', '.join(PROVIDERS)}")
     want = PROVIDERS[provider][0]
     available = ort.get_available_providers()
     if want not in available:
@@ -95,27 +84,4 @@ def create_session(path: Path, provider: str = "cpu", precision: str = "fp32", p
     opts = provider_options(provider, precision, profile, fp32_norm, cache_dir, trt_major)
     if cache_dir is not None:
         Path(cache_dir).mkdir(parents=True, exist_ok=True)
-    so = ort.SessionOptions()
-    so.log_severity_level = 3
-    so.add_session_config_entry("session.intra_op.allow_spinning", "0")  # as prtool.validate.ort_session
-    if graph_optimization is not None:
-        so.graph_optimization_level = getattr(ort.GraphOptimizationLevel, graph_optimization)
-    session = ort.InferenceSession(str(path), so, providers=list(zip(PROVIDERS[provider], opts, strict=True)))
-    check_providers(provider, session)
-    return session
-
-
-class OrtRunner:
-    """``infer(pixels [B, 3, H, W]) -> {output name: np.ndarray}`` on a checked session."""
-
-    def __init__(self, path: Path, provider: str = "cpu", precision: str = "fp32", profile=None,
-                 fp32_norm: bool = True, cache_dir: Path | None = None, graph_optimization: str | None = None):
-        self.session = create_session(path, provider, precision, profile, fp32_norm, cache_dir, graph_optimization)
-        self.providers = list(self.session.get_providers())
-        self.input = self.session.get_inputs()[0].name
-        self.outputs = [o.name for o in self.session.get_outputs()]
-        self.batch_range = (1, None)
-
-    def infer(self, pixels) -> dict[str, np.ndarray]:
-        x = np.ascontiguousarray(np.asarray(pixels, dtype=np.float32))
-        return dict(zip(self.outputs, self.session.run(None, {self.input: x}), strict=True))
+    return list(zip(PROVIDERS[provider], opts, strict=True))

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from prtool.errors import PrtoolError
+from prtool.io_names import KEPT_INDICES, LOGITS
 
 ONNX_KIND = "onnx-image-encoder"
 
@@ -122,13 +123,13 @@ def rebuild_encoder(manifest: dict, pretrained: str | None = None, predictor: Pa
                        allow_other_weights=bool(manifest.get("allow_other_weights")), merge=manifest.get("merge"))
     outputs = [o["name"] for o in manifest["outputs"]]
     extras = {"visual_prompts": None, "class_embeds": None}
-    if tokens_path is not None or "logits" in outputs:
+    if tokens_path is not None or LOGITS in outputs:
         from prtool.tune import export_extras
 
-        data = _classifier_data(manifest) if "logits" in outputs and tokens_path is None else None
-        extras = export_extras(loaded, spec, tokens_path, "logits" in outputs, data)
+        data = _classifier_data(manifest) if LOGITS in outputs and tokens_path is None else None
+        extras = export_extras(loaded, spec, tokens_path, LOGITS in outputs, data)
     encoder, meta = build_pruned_encoder(loaded, spec, normalize=manifest["outputs"][0].get("l2_normalized", True),
-                                         return_indices="kept_patch_indices" in outputs,
+                                         return_indices=KEPT_INDICES in outputs,
                                          visual_prompts=extras["visual_prompts"])
     if extras["class_embeds"] is not None:
         encoder = WithClassifier(encoder, extras["class_embeds"], float(loaded.model.logit_scale.detach().exp())).eval()

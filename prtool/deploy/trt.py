@@ -239,7 +239,8 @@ def build_engine(cfg: BuildConfig, out: Path) -> dict:
 
 
 class TensorRTRunner:
-    """``infer(pixels [B, 3, H, W]) -> {output name: np.ndarray}`` on a checked engine.
+    """``infer({input name: [B, 3, H, W]}) -> {output name: np.ndarray}`` on a checked engine (the runner
+    interface of :func:`prtool.validate.compare`).
 
     Refuses (``PrtoolError``) an engine without a manifest, or one built for another TensorRT
     version or GPU. Inputs may be numpy arrays or torch tensors; they are fed in the engine's own
@@ -269,11 +270,13 @@ class TensorRTRunner:
         profile = self.manifest["profile"]
         self.batch_range = (profile["min"][0], profile["max"][0])
 
-    def infer(self, pixels) -> dict[str, np.ndarray]:
+    def infer(self, feeds: dict) -> dict[str, np.ndarray]:
         import torch
 
         name = self.inputs[0]
-        x = torch.as_tensor(pixels).to(self.device, self._dtypes[name]).contiguous()
+        if name not in feeds:
+            raise PrtoolError(f"the engine's input is {name!r}, not {sorted(feeds)}: feed {{{name!r}: pixels}}")
+        x = torch.as_tensor(feeds[name]).to(self.device, self._dtypes[name]).contiguous()
         lo, hi = self.batch_range
         if not lo <= x.shape[0] <= hi:
             raise PrtoolError(f"batch {x.shape[0]} is outside the engine's profile {lo}..{hi}: rebuild with "
