@@ -22,6 +22,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -155,7 +156,8 @@ def add_kept_checks(report: ValidationReport, name: str, label: str, got: np.nda
     """Report rows for a kept-index output: agreement with PyTorch, and (with scores) top-k in score order."""
     m = compare_kept(got, ref, scores, tol.tie_eps)
     report.add(f"{name} vs PyTorch, {label}", m["untied_differences"] == 0,
-               f"set agreement {m['mean_set_agreement']:.4f}, untied differences {m['untied_differences']}", FIXES["kept"])
+               f"set agreement {m['mean_set_agreement']:.4f}, untied differences {m['untied_differences']}",
+               FIXES["kept"])
     if scores is not None:
         m["order_violations"] = topk_order_violations(got, scores, tol.tie_eps)
         report.add(f"{name} top-k by score, {label}", m["order_violations"] == 0,
@@ -206,6 +208,13 @@ def check_graph(report: ValidationReport, path: Path, expected_topk: int | None)
                ", ".join(f"{n}: {a}" for n, a in dyn.items()) or "no dynamic axis", FIXES["graph"])
 
 
+class Runner(Protocol):
+    """What :func:`compare` runs: ``{input name: array}`` in, ``{output name: array}`` out. A reference also has
+    ``outputs`` (the names compared, in order) and may have ``scores(pixels)`` (first-stage patch scores)."""
+
+    def infer(self, feeds: dict) -> dict[str, np.ndarray]: ...
+
+
 class TorchRunner:
     """The PyTorch reference as a runner: ``infer({pixel_values: [B, 3, H, W]}) -> {name: array}``, in FP32.
 
@@ -252,7 +261,8 @@ def _outputs_of(runner, names: list[str]):
         out = runner.infer({PIXELS: np.ascontiguousarray(pixels)})
         missing = [n for n in names if n not in out]
         if missing:
-            raise PrtoolError(f"the artifact has no output(s) {missing} (it has {sorted(out)}): re-export or rebuild it")
+            raise PrtoolError(f"the artifact has no output(s) {missing} (it has {sorted(out)}): "
+                              "re-export or rebuild it")
         return [np.asarray(out[n]) for n in names]
 
     return run
@@ -290,7 +300,7 @@ def _check_batch_independence(report: ValidationReport, run, pixels: np.ndarray,
                f"max abs change of a sample's output with its batch: {worst:.2e}", FIXES["batch"])
 
 
-def compare(runner, reference, images, tolerances: Tolerances = Tolerances(), *, batch_one: bool = True,
+def compare(runner: Runner, reference: Runner, images, tolerances: Tolerances = Tolerances(), *, batch_one: bool = True,
             independence: bool = True, report: ValidationReport | None = None) -> ValidationReport:
     """Compare ``runner`` with ``reference`` (both ``infer(feeds) -> outputs``) on ``images`` ``[B, 3, H, W]``.
 

@@ -180,7 +180,7 @@ LINE = re.compile(r"^prtool: error: validation of (?P<subject>.+) failed: (?P<ch
 
 
 def _fake_engine(monkeypatch, onnx_path, tmp_path):
-    """A ``.plan`` whose runner is onnxruntime on ``onnx_path`` (the engine path of `prtool validate`, minus TensorRT)."""
+    """A ``.plan`` whose runner is onnxruntime on ``onnx_path``: `prtool validate`'s engine path, minus TensorRT."""
     import prtool.deploy.trt as trt_mod
     from prtool.runtime import OrtRunner
 
@@ -220,3 +220,44 @@ def test_every_command_prints_a_failed_validation_the_same_way(capsys, monkeypat
         code, out, err = cli(capsys, *args, "--json")
         assert code == 2 and json.loads(out)["passed"] is False and LINE.match(err.strip().splitlines()[-1])
     assert not (tmp_path / "out").exists() or list((tmp_path / "out").iterdir()) == []
+
+
+# ---- consumers and recorded outputs are runners too ------------------------------------------------------
+
+def test_a_consumer_is_a_runner_on_the_files_behind_the_pixels(monkeypatch, tmp_path):
+    from prtool.deploy import consumers
+
+    files = [tmp_path / f"img{i}.png" for i in range(B)]
+    by_file = dict(zip(files, PIXELS_))
+    calls = []
+
+    def fake_cpp(onnx, images, backend):  # the consumer "decodes" each file to its row of pixels
+        calls.append((backend, [p.name for p in images]))
+        out = Model().infer({PIXELS: np.stack([by_file[p] for p in images])})
+        return {"images": [{EMBEDS: e.tolist(), KEPT_INDICES: k.tolist(), "path": str(p)}
+                           for e, k, p in zip(out[EMBEDS], out[KEPT_INDICES], images)]}
+
+    monkeypatch.setattr(consumers, "run_cpp", fake_cpp)
+    runner = consumers.ConsumerRunner("cpp-openvino", tmp_path / "m.onnx", files, PIXELS_)
+    report = compare(runner, Model(), PIXELS_)
+    assert report.passed and "per-sample batch independence" in {c["check"] for c in report.checks}
+    assert calls[0] == ("openvino", [p.name for p in files]) and (("openvino", [files[2].name]) in calls)
+    assert ("openvino", [p.name for p in files[::-1]]) in calls  # the reversed batch
+    shuffled = consumers.ConsumerRunner("cpp-openvino", tmp_path / "m.onnx", files[::-1], PIXELS_)
+    assert f"{EMBEDS} vs PyTorch, batch {B}" in failed(compare(shuffled, Model(), PIXELS_))
+    with pytest.raises(PrtoolError, match="runs on image files"):
+        runner.infer({PIXELS: PIXELS_ + 1})
+    with pytest.raises(PrtoolError, match="unknown consumer 'cpp-x'"):
+        consumers.run_consumer("cpp-x", tmp_path / "m.onnx", files)
+
+
+def test_compat_cells_are_judged_by_compare():
+    from prtool.deploy.compat import cell_result as cell
+
+    ref = Model().infer({PIXELS: PIXELS_})[EMBEDS]
+    assert cell("ok", [ref], ref, PIXELS_)["status"] == "pass"
+    drift = cell("ok", [ref + 1e-2], ref, PIXELS_)
+    assert drift["status"] == "mismatch" and drift["max_abs"] == pytest.approx(1e-2, rel=1e-3)
+    short = cell("ok", [ref[:, :-1]], ref, PIXELS_)
+    assert short == {"status": "mismatch", "detail": f"shape [{B}, {E - 1}], PyTorch's [{B}, {E}]"}
+    assert cell("crash", "the process died", ref, PIXELS_) == {"status": "crash", "detail": "the process died"}

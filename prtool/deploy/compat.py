@@ -168,7 +168,7 @@ def run_isolated(runtime: str, onnx_path: Path, pixels_path: Path, workdir: Path
     return "crash", f"the process died ({how}){': ' + last[:200] if last else ''}"
 
 
-def _cell_result(status: str, payload, reference: np.ndarray, pixels: np.ndarray) -> dict:
+def cell_result(status: str, payload, reference: np.ndarray, pixels: np.ndarray) -> dict:
     """A cell's verdict: the runtime's ``image_embeds`` through :func:`prtool.validate.compare` (FP32 preset)."""
     from prtool.validate import RecordedRunner, Tolerances, compare
 
@@ -250,7 +250,7 @@ def run_compat(loaded, schedule, variants=VARIANTS, runtimes=RUNTIMES, batch: in
                     cells[variant.name][runtime] = {"status": "not run", "detail": "no CUDA GPU here"}
                     continue
                 status, payload = run_isolated(runtime, path, work / "pixels.npy", work, timeout)
-                cells[variant.name][runtime] = _cell_result(status, payload, reference, pixels)
+                cells[variant.name][runtime] = cell_result(status, payload, reference, pixels)
     tol = Tolerances()
     return {"command": command, "model": loaded.model_id, "schedule": schedule.to_string(), "keep": list(schedule.keep),
             "scorer": "predictor (untrained, seeded; weights saved and shared with the PyTorch reference)",

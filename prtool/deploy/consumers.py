@@ -138,7 +138,8 @@ class ConsumerRunner:
         self.kind, self.onnx, self.images = kind, Path(onnx), [Path(p) for p in images]
         self.pixels = np.asarray(pixels, dtype=np.float32)
         if len(self.pixels) != len(self.images):
-            raise PrtoolError(f"{len(self.images)} images but {len(self.pixels)} rows of pixels: give one row per image")
+            raise PrtoolError(f"{len(self.images)} images but {len(self.pixels)} rows of pixels: "
+                              "give one row per image")
 
     def _file(self, row: np.ndarray) -> Path:
         for image, pixels in zip(self.images, self.pixels):

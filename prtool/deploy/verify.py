@@ -30,8 +30,8 @@ def _open_artifact(path: Path, provider: str, precision: str | None):
         m = runner.manifest
         source = m["source_onnx"]["manifest"]
         if source is None:
-            raise PrtoolError(f"engine {path} was built from an ONNX file without a prtool manifest: nothing to rebuild "
-                              "the PyTorch encoder from")
+            raise PrtoolError(f"engine {path} was built from an ONNX file without a prtool manifest: nothing to "
+                              "rebuild the PyTorch encoder from")
         backend = f"TensorRT {m['tensorrt']} ({m['precision']}) on {m['gpu']['name']}"
         return runner, source, m["validation_preset"], backend
     if path.suffix != ".onnx":
