@@ -24,26 +24,10 @@ from pathlib import Path
 
 import numpy as np
 
-from prtool.errors import PrtoolError, require
+from prtool.errors import require
 
-PROVIDERS = {
-    "cpu": ("CPUExecutionProvider",),
-    "cuda": ("CUDAExecutionProvider", "CPUExecutionProvider"),
-    "tensorrt": ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"),
-}
-# Precisions each provider can run prtool's FP32 graphs at (bf16 engines: `prtool build`).
-PROVIDER_PRECISIONS = {"cpu": ("fp32",), "cuda": ("fp32",), "tensorrt": ("fp32", "fp16")}
 EXTENDED = "ORT_ENABLE_EXTENDED"
 REDUCED_TYPES = (10, 16)  # onnx.TensorProto.FLOAT16, BFLOAT16
-
-
-def check_precision(provider: str, precision: str) -> None:
-    """Refuse a precision ``provider`` cannot run prtool's FP32 graphs at."""
-    if provider not in PROVIDERS:
-        raise PrtoolError(f"unknown provider {provider!r}: use one of {', '.join(PROVIDERS)}")
-    if precision not in PROVIDER_PRECISIONS[provider]:
-        raise PrtoolError(f"the {provider} provider runs prtool's graphs at {'/'.join(PROVIDER_PRECISIONS[provider])}, "
-                          f"not {precision}: build a TensorRT engine with `prtool build --precision {precision}`")
 
 
 def holds_reduced_precision(path: Path) -> bool:
@@ -72,13 +56,13 @@ def ort_session(path: Path, provider: str = "cpu", precision: str = "fp32", prof
     ``cache_dir`` become the provider options (``prtool.deploy.ort_gpu.provider_options``), and a
     session that fell back to another provider is refused.
     """
+    from prtool.deploy.ort_gpu import check_precision, check_providers, gpu_providers
+
     check_precision(provider, precision)
     ort = require("onnxruntime", "gpu" if provider != "cpu" else None, f"running ONNX on {provider}")
     if provider == "cpu":
         providers, check = [("CPUExecutionProvider", {})], None
     else:
-        from prtool.deploy.ort_gpu import check_providers, gpu_providers
-
         providers = gpu_providers(ort, provider, precision, profile, fp32_norm, cache_dir)
         check = check_providers
     so = ort.SessionOptions()

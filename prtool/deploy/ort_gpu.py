@@ -14,12 +14,28 @@ from pathlib import Path
 
 from prtool.deploy.trt_version import check_ort_tensorrt, gpu_install_command
 from prtool.errors import PrtoolError, require
-from prtool.runtime import PROVIDERS, check_precision
+
+PROVIDERS = {
+    "cpu": ("CPUExecutionProvider",),
+    "cuda": ("CUDAExecutionProvider", "CPUExecutionProvider"),
+    "tensorrt": ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"),
+}
+# Precisions each provider can run prtool's FP32 graphs at (bf16 engines: `prtool build`).
+PROVIDER_PRECISIONS = {"cpu": ("fp32",), "cuda": ("fp32",), "tensorrt": ("fp32", "fp16")}
 
 # `onnxruntime` (a base dependency) and `onnxruntime-gpu` install the same `onnxruntime` package: whichever was
 # installed last wins, so the GPU build is reinstalled over it without touching its dependencies.
 FALLBACK_HINT = (f"install onnxruntime-gpu over the CPU build ({gpu_install_command(11)}; TensorRT 10 / CUDA 12: "
                  f"{gpu_install_command(10)}), then check `prtool env`")
+
+
+def check_precision(provider: str, precision: str) -> None:
+    """Refuse a precision ``provider`` cannot run prtool's FP32 graphs at."""
+    if provider not in PROVIDERS:
+        raise PrtoolError(f"unknown provider {provider!r}: use one of {', '.join(PROVIDERS)}")
+    if precision not in PROVIDER_PRECISIONS[provider]:
+        raise PrtoolError(f"the {provider} provider runs prtool's graphs at {'/'.join(PROVIDER_PRECISIONS[provider])}, "
+                          f"not {precision}: build a TensorRT engine with `prtool build --precision {precision}`")
 
 
 def check_providers(provider: str, session) -> list[str]:
