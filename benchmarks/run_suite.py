@@ -25,8 +25,7 @@ ROOT = Path(__file__).resolve().parent
 def _speed(loaded, cfg: dict, out: Path, tag: str) -> str:
     res = bench_speed(loaded, cfg.get("schedule"), cfg.get("keep_ratio"), cfg.get("stages", 1), cfg.get("first_block"),
                       cfg["variants"], cfg["backends"], cfg["batch_sizes"],
-                      Path(cfg["predictor"]) if cfg.get("predictor") else None, cfg.get("warmup", 3),
-                      cfg.get("iters", 20),
+                      Path(cfg["predictor"]) if cfg.get("predictor") else None, cfg.get("warmup", 3), cfg.get("iters", 20),
                       workdir=Path("runs") / "bench-work")
     res["environment"] = collect_env()
     write_json_atomic(out / f"{tag}.json", res)
@@ -52,8 +51,7 @@ def main(argv=None) -> int:
         scheds = [schedule_for(loaded, s) for s in cfg.get("schedules", [])]
         scheds += [schedule_for(loaded, keep_ratio=r, stages=cfg.get("stages", 1), first_block=cfg.get("first_block"))
                    for r in cfg.get("keep_ratios", [])]
-        res = bench_accuracy(loaded, dataset, scheds, cfg["methods"],
-                             Path(cfg["predictor"]) if cfg.get("predictor") else None,
+        res = bench_accuracy(loaded, dataset, scheds, cfg["methods"], Path(cfg["predictor"]) if cfg.get("predictor") else None,
                              Path(cfg["rankings"]) if cfg.get("rankings") else None, cfg.get("seeds", [0, 1, 2]))
         res["environment"] = collect_env()
         tag = f"{suite['name']}-accuracy-{env}"

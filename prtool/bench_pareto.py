@@ -76,8 +76,7 @@ def bench_pareto(loaded, dataset, schedules: list[Schedule], methods: list[str],
     if "golden-merge" in methods and rankings is None:
         raise PrtoolError("method golden-merge needs --rankings DIR (rankings of the evaluated split)")
     if any(m in _TIMED_BY for m in methods) and "patch-ranking-merge" not in methods:
-        raise PrtoolError("random-merge and golden-merge are timed by patch-ranking-merge's export: "
-                          "add it to --methods")
+        raise PrtoolError("random-merge and golden-merge are timed by patch-ranking-merge's export: add it to --methods")
     workdir = Path(workdir or tempfile.mkdtemp(prefix="prtool-pareto-"))
     class_emb = text_classifier(loaded, dataset)
     specs, rows, hits, sessions = _specs(methods, schedules, loaded, predictor, designs), [], {}, {}

@@ -127,8 +127,7 @@ def make_scorer(loaded: LoadedModel, spec: EncoderSpec) -> tuple[PatchScorer | N
 
 
 def build_pruned_encoder(loaded: LoadedModel, spec: EncoderSpec, normalize: bool = True,
-                         return_indices: bool = False,
-                         visual_prompts=None) -> tuple[PrunedVisionTransformer, dict | None]:
+                         return_indices: bool = False, visual_prompts=None) -> tuple[PrunedVisionTransformer, dict | None]:
     from prtool.peers import PEERS
     from prtool.rank_merge import MERGE_METHODS, RankMergeVisionTransformer
 

@@ -111,8 +111,7 @@ class BrightnessScorer(GoldenScorer):
     why_not_exportable = "brightness is an evaluation heuristic computed from pixels, not a deployable scorer"
 
     def forward(self, x, num_prefix, block):
-        raise PrtoolError("the brightness heuristic is computed from pixels in evaluation (prtool eval --scorer "
-                          "brightness)")
+        raise PrtoolError("the brightness heuristic is computed from pixels in evaluation (prtool eval --scorer brightness)")
 
 
 SCORERS = ("predictor", "cls-attn", "random", "golden", "brightness")

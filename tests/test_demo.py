@@ -13,8 +13,8 @@ def test_demo_reports_every_variant(capsys, tmp_path):
     assert code == 0, err
     report = json.loads(out)
     rows = report["variants"]
-    expected = {"unpruned", "pruned", "patch-ranking", "evit",
-                "tome"} | ({"pruned+tokens"} if spec.TOKENS_PATH.exists() else set())
+    expected = ({"unpruned", "pruned", "patch-ranking", "evit", "tome"}
+                | ({"pruned+tokens"} if spec.TOKENS_PATH.exists() else set()))
     assert set(rows) == expected
     assert all(r["validation_passed"] for r in rows.values())
     assert report["eval_images"] == 48 and all(r["accuracy"]["images"] == 48 for r in rows.values())

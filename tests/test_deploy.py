@@ -287,8 +287,8 @@ def test_mismatched_engine_is_refused_naming_both_systems():
         check_engine_compatible(built, _fake_runtime(trt="10.7.0"), "m.plan")
     msg = str(exc.value)
     assert "TensorRT 10.3.0 on NVIDIA L4" in msg and "TensorRT 10.7.0 on NVIDIA L4" in msg and "prtool build" in msg
-    assert engine_mismatches(built,
-                             _fake_runtime(name="NVIDIA L4 (other)")) == ["GPU 'NVIDIA L4' != 'NVIDIA L4 (other)'"]
+    other = _fake_runtime(name="NVIDIA L4 (other)")
+    assert engine_mismatches(built, other) == ["GPU 'NVIDIA L4' != 'NVIDIA L4 (other)'"]
 
 
 class FakeSession:
@@ -304,8 +304,8 @@ def test_provider_fallback_is_detected():
         check_providers("cuda", FakeSession(["CPUExecutionProvider"]))
     with pytest.raises(PrtoolError, match="fell back from TensorrtExecutionProvider"):
         check_providers("tensorrt", FakeSession(["CUDAExecutionProvider", "CPUExecutionProvider"]))
-    assert check_providers("cuda", FakeSession(["CUDAExecutionProvider",
-                                                "CPUExecutionProvider"]))[0] == "CUDAExecutionProvider"
+    session = FakeSession(["CUDAExecutionProvider", "CPUExecutionProvider"])
+    assert check_providers("cuda", session)[0] == "CUDAExecutionProvider"
     assert check_providers("cpu", FakeSession(["CPUExecutionProvider"])) == ["CPUExecutionProvider"]
 
 

@@ -28,10 +28,7 @@ def accuracy(
                                                          "--stages/--first-block.")] = None,
     stages: o.Stages = 1,
     first_block: o.FirstBlock = None,
-    methods: Annotated[str, typer.Option("--methods",
-                                         help="Comma-separated: none, patch-ranking, golden, random, cls-attn, evit, "
-                                              "tome, brightness, patch-ranking-merge, golden-merge, random-merge, "
-                                              "cls-attn-merge.")] = "none,patch-ranking,random,cls-attn,evit,tome",
+    methods: Annotated[str, typer.Option("--methods", help="Comma-separated: none, patch-ranking, golden, random, cls-attn, evit, tome, brightness, patch-ranking-merge, golden-merge, random-merge, cls-attn-merge.")] = "none,patch-ranking,random,cls-attn,evit,tome",
     predictor: o.PredictorPath = None,
     rankings: Annotated[Path | None, typer.Option("--rankings", "-r",
                                                   help="Rankings store of the evaluated split (for golden).")] = None,
@@ -100,11 +97,8 @@ def speed(
     stages: o.Stages = 1,
     first_block: o.FirstBlock = None,
     predictor: o.PredictorPath = None,
-    variants: Annotated[str, typer.Option("--variants", help="Comma-separated: baseline, patch-ranking, static, "
-                                          "cls-attn, evit, tome, patch-ranking-merge, cls-attn-merge.")
-                        ] = "baseline,patch-ranking,static,evit,tome",
-    backends: Annotated[str, typer.Option("--backends", help="Comma-separated: torch, onnxruntime "
-                                          "(GPU: onnxruntime-cuda, tensorrt).")] = "onnxruntime",
+    variants: Annotated[str, typer.Option("--variants", help="Comma-separated: baseline, patch-ranking, static, cls-attn, evit, tome, patch-ranking-merge, cls-attn-merge.")] = "baseline,patch-ranking,static,evit,tome",
+    backends: Annotated[str, typer.Option("--backends", help="Comma-separated: torch, onnxruntime (GPU: onnxruntime-cuda, tensorrt).")] = "onnxruntime",
     batch_sizes: Annotated[str, typer.Option("--batch-sizes", help="Comma-separated batch sizes.")] = "1,8,32",
     warmup: Annotated[int, typer.Option("--warmup")] = 3,
     iters: Annotated[int, typer.Option("--iters", help="Timed interleaved iterations (>= 20 recommended).")] = 20,
@@ -215,10 +209,7 @@ def pareto(
     budgets: Annotated[str, typer.Option("--budgets", help="Comma-separated STAGESxKEEP (patches kept, or a % "
                                          "of them).")] = "4x136,4x118,4x96,4x76,4x56,1x60%,1x50%",
     first_block: o.FirstBlock = None,
-    methods: Annotated[str, typer.Option("--methods", help="Comma-separated: none, patch-ranking, "
-                                         "patch-ranking-merge, tome, evit, random-merge, golden-merge, "
-                                         "cls-attn-merge, cls-attn.")
-                       ] = "none,patch-ranking,patch-ranking-merge,tome,evit,random-merge",
+    methods: Annotated[str, typer.Option("--methods", help="Comma-separated: none, patch-ranking, patch-ranking-merge, tome, evit, random-merge, golden-merge, cls-attn-merge, cls-attn.")] = "none,patch-ranking,patch-ranking-merge,tome,evit,random-merge",
     predictor: o.PredictorPath = None,
     rankings: Annotated[Path | None, typer.Option("--rankings", "-r", help="Rankings store of the evaluated "
                                                   "split (for golden-merge).")] = None,

@@ -203,24 +203,6 @@ def _export_variant(loaded, variant: Variant, schedule, predictor: Path, workdir
     return path, encoder, {op: ops[op] for op in GATHER_OPS if op in ops}
 
 
-def _fill_workdir(work: Path, loaded, schedule, pixels: np.ndarray, canvases, seed: int) -> Path:
-    """Write the seeded untrained predictor every variant shares, the pixels and the canvases into ``work``."""
-    from PIL import Image
-
-    from prtool.predictor import PredictorConfig, RankingPredictor, save_predictor
-    from prtool.seed import seed_everything
-
-    seed_everything(seed)
-    v = loaded.visual
-    predictor = work / "predictor.safetensors"
-    save_predictor(RankingPredictor(PredictorConfig(v.grid_size[0] * v.grid_size[1], v.class_embedding.shape[0])),
-                   predictor, {"model_id": loaded.model_id, "rank_block": schedule.first_block})
-    np.save(work / "pixels.npy", pixels)
-    for i, canvas in enumerate(canvases):  # the same images, for the consumers that decode files
-        Image.fromarray(canvas).save(work / f"canvas_{i:03d}.png")
-    return predictor
-
-
 def run_compat(loaded, schedule, variants=VARIANTS, runtimes=RUNTIMES, batch: int = 2, seed: int = 0,
                timeout: float = CELL_TIMEOUT_S, command: str = "") -> dict:
     """Export every variant of ``loaded`` and run it on every runtime; returns the matrix as a dict.
@@ -228,8 +210,11 @@ def run_compat(loaded, schedule, variants=VARIANTS, runtimes=RUNTIMES, batch: in
     ``command`` is the command line that regenerates the result (recorded in it).
     """
     import torch
+    from PIL import Image
 
     from prtool.manifest import package_versions
+    from prtool.predictor import PredictorConfig, RankingPredictor, save_predictor
+    from prtool.seed import seed_everything
     from prtool.testbed.eval_set import load_eval_canvases
     from prtool.validate import Tolerances, validation_images
 
@@ -240,7 +225,14 @@ def run_compat(loaded, schedule, variants=VARIANTS, runtimes=RUNTIMES, batch: in
     rows, cells = [], {}
     with tempfile.TemporaryDirectory(prefix="prtool-compat-") as tmp:
         work = Path(tmp)
-        predictor = _fill_workdir(work, loaded, schedule, pixels, canvases, seed)
+        seed_everything(seed)
+        v = loaded.visual
+        predictor = work / "predictor.safetensors"
+        save_predictor(RankingPredictor(PredictorConfig(v.grid_size[0] * v.grid_size[1], v.class_embedding.shape[0])),
+                       predictor, {"model_id": loaded.model_id, "rank_block": schedule.first_block})
+        np.save(work / "pixels.npy", pixels)
+        for i, canvas in enumerate(canvases):  # the same images, for the consumers that decode files
+            Image.fromarray(canvas).save(work / f"canvas_{i:03d}.png")
         for variant in variants:
             row = {**asdict(variant)}
             cells[variant.name] = {}
@@ -256,10 +248,8 @@ def run_compat(loaded, schedule, variants=VARIANTS, runtimes=RUNTIMES, batch: in
                 reference = encoder(torch.from_numpy(pixels)).numpy()
             for runtime in runtimes:
                 if versions[runtime] is None:
-                    cells[variant.name][runtime] = {"status": "not run",
-                                                    "detail": f"{_MODULES[runtime]} is not installed here"
-                                                    + (" (export/cpp/setup.sh, npm ci in export/web)"
-                                                       if runtime in CONSUMERS else "")}
+                    cells[variant.name][runtime] = {"status": "not run", "detail": f"{_MODULES[runtime]} is not installed here"
+                                                    + (" (export/cpp/setup.sh, npm ci in export/web)" if runtime in CONSUMERS else "")}
                     continue
                 if runtime == "tensorrt" and not torch.cuda.is_available():
                     cells[variant.name][runtime] = {"status": "not run", "detail": "no CUDA GPU here"}

@@ -115,6 +115,7 @@ def train_testbed(out: Path, cfg: TrainConfig = TrainConfig(), idx_dir: Path = t
                   resume: bool = True, quiet: bool = False) -> dict:
     """Train the testbed and write ``out`` (fp16 safetensors) plus ``NAME.train.json`` with the metrics."""
     import open_clip
+    from safetensors.torch import save_file
 
     from prtool.models import preprocess_config, register_testbed
     from prtool.seed import seed_everything
@@ -135,9 +136,18 @@ def train_testbed(out: Path, cfg: TrainConfig = TrainConfig(), idx_dir: Path = t
     caption_tokens = tokenizer(captions)
     first_caption = torch.tensor([0] + list(np.cumsum([len(c) for c in spec.class_captions()])))
 
-    opt = _optimizer(model, cfg)
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embedding" not in n]
+    no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embedding" not in n)]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.98))
     total = cfg.samples // cfg.batch_size
-    start = _resume(model, opt, state_path, total) if resume and state_path.exists() else 0
+    start = 0
+    if resume and state_path.exists():
+        st = torch.load(state_path, map_location="cpu", weights_only=True)
+        model.load_state_dict(st["model"])
+        opt.load_state_dict(st["opt"])
+        start = int(st["step"])
+        log.info("resuming testbed training at step %d/%d", start, total)
 
     model.train()
     t0, seen = time.time(), 0
@@ -146,7 +156,10 @@ def train_testbed(out: Path, cfg: TrainConfig = TrainConfig(), idx_dir: Path = t
             for g in opt.param_groups:
                 g["lr"] = lr_at(step, total, cfg)
             y = torch.from_numpy(y)
-            uniq = _pick_captions(first_caption, y, cfg.seed * 1_000_003 + step)
+            gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
+            counts = first_caption[1:] - first_caption[:-1]
+            pick = first_caption[y] + (torch.rand(len(y), generator=gen) * counts[y]).long()
+            uniq = torch.unique(pick)
             images = images_to_tensor(canvases, pre)
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
                 img = F.normalize(model.encode_image(images), dim=-1)
@@ -168,44 +181,11 @@ def train_testbed(out: Path, cfg: TrainConfig = TrainConfig(), idx_dir: Path = t
                 torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "step": step + 1}, tmp)
                 tmp.replace(state_path)
     model.eval()
-    _save_fp16(model, out, cfg)
-    meta = {"config": asdict(cfg), "steps": total, "train_seconds_this_run": round(time.time() - t0, 1)}
-    # beside the checkpoint as NAME.train.json (NAME.json is the model config in the assets folder)
-    out.with_name(out.stem + ".train.json").write_text(json.dumps(meta, indent=2) + "\n")
-    return meta
-
-
-def _optimizer(model, cfg: TrainConfig) -> torch.optim.Optimizer:
-    """AdamW, no weight decay on biases, norms and embeddings."""
-    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embedding" not in n]
-    no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embedding" not in n)]
-    return torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                              {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.98))
-
-
-def _resume(model, opt, state_path: Path, total: int) -> int:
-    """Load the model and optimizer state of an interrupted run; returns the step to continue from."""
-    st = torch.load(state_path, map_location="cpu", weights_only=True)
-    model.load_state_dict(st["model"])
-    opt.load_state_dict(st["opt"])
-    start = int(st["step"])
-    log.info("resuming testbed training at step %d/%d", start, total)
-    return start
-
-
-def _pick_captions(first_caption: torch.Tensor, y: torch.Tensor, seed: int) -> torch.Tensor:
-    """One caption per image, drawn (seeded) among its class's captions; the distinct picks, sorted."""
-    gen = torch.Generator().manual_seed(seed)
-    counts = first_caption[1:] - first_caption[:-1]
-    pick = first_caption[y] + (torch.rand(len(y), generator=gen) * counts[y]).long()
-    return torch.unique(pick)
-
-
-def _save_fp16(model, out: Path, cfg: TrainConfig) -> None:
-    """The checkpoint: fp16 safetensors with the training config in its metadata, written atomically."""
-    from safetensors.torch import save_file
-
     state = {k: v.detach().to(torch.float16).contiguous() for k, v in model.state_dict().items()}
     tmp = out.with_suffix(".tmp")
     save_file(state, str(tmp), metadata={"prtool": "testbed", "config": json.dumps(asdict(cfg))})
     tmp.replace(out)
+    meta = {"config": asdict(cfg), "steps": total, "train_seconds_this_run": round(time.time() - t0, 1)}
+    # beside the checkpoint as NAME.train.json (NAME.json is the model config in the assets folder)
+    out.with_name(out.stem + ".train.json").write_text(json.dumps(meta, indent=2) + "\n")
+    return meta
