@@ -39,6 +39,10 @@ def speed_variants() -> list[str]:
     return [v for v in wanted if v in VARIANTS]
 
 
+STEP_ORDER = ["env", "speed_4x20_fp16", "accuracy", "speed_4x20_bf16", "speed_keep60_fp16", "rank_cuda", "rank_cpu",
+              "compare_rankings", "train_cuda", "gpu_tests", "speed_keep60_bf16", "train_cpu"]  # most wanted first
+
+
 def plan(work: Path, smoke: bool) -> list[dict]:
     """The steps: name, argv, time box (s). ``smoke``: testbed-sized CPU versions of the same steps."""
     py, me = sys.executable, str(Path(__file__).resolve())
@@ -63,12 +67,13 @@ def plan(work: Path, smoke: bool) -> list[dict]:
     for prec in precisions:
         for sname, sargs in schedules.items():
             steps.append({"name": f"speed_{sname}_{prec}", "timeout": 80, "result": f"speed_{sname}_{prec}/speed.json",
-                          "argv": prtool + ["bench", "speed", *speed_model, *sargs, "--backends", "torch", "--device", dev,
-                                            "--precision", prec, "--variants", variants, *speed_args,
+                          "argv": prtool + ["bench", "speed", *speed_model, *sargs, "--backends", "torch",
+                                            "--device", dev, "--precision", prec, "--variants", variants, *speed_args,
                                             "-o", str(work / f"speed_{sname}_{prec}"), "-q"]})
     steps.append({"name": "accuracy", "timeout": 90, "result": "accuracy.json",
                      "argv": [py, me, "--step", "accuracy", "--workdir", str(work), "--device", dev, *limit]})
-    rank = prtool + ["rank", "-m", "testbed", "-d", "testbed", "--split", "train", "--batch-size", "256", *rank_extra, "--json", "-q"]
+    rank = prtool + ["rank", "-m", "testbed", "-d", "testbed", "--split", "train", "--batch-size", "256", *rank_extra,
+                     "--json", "-q"]
     steps += [
         {"name": "rank_cuda", "timeout": 90, "json_stdout": True,
          "argv": rank + ["--limit", str(n_rank), "--device", dev, "-o", str(work / "rank_cuda")]},
@@ -78,12 +83,13 @@ def plan(work: Path, smoke: bool) -> list[dict]:
          "argv": [py, me, "--step", "compare_rankings", "--workdir", str(work)]},
         {"name": "train_cuda", "timeout": 60, "json_stdout": True,
          "argv": prtool + ["train", "-r", str(work / "rank_cuda"), "-m", "testbed", "-d", "testbed", "--split", "train",
-                           "--epochs", epochs, "--device", dev, "-o", str(work / "pred_cuda.safetensors"), "--json", "-q"]},
+                           "--epochs", epochs, "--device", dev, "-o", str(work / "pred_cuda.safetensors"), "--json",
+                           "-q"]},
     ]
     if not smoke:  # the same code as train_cuda on another device; CUDA graphs need a GPU
         steps.append({"name": "train_cpu", "timeout": 60, "json_stdout": True,
-                      "argv": prtool + ["train", "-r", str(work / "rank_cuda"), "-m", "testbed", "-d", "testbed", "--split",
-                                        "train", "--epochs", epochs, "--device", "cpu",
+                      "argv": prtool + ["train", "-r", str(work / "rank_cuda"), "-m", "testbed", "-d", "testbed",
+                                        "--split", "train", "--epochs", epochs, "--device", "cpu",
                                         "-o", str(work / "pred_cpu.safetensors"), "--json", "-q"]})
         steps.append({"name": "speed_4x20_fp16_cudagraphs", "timeout": 70,
                       "result": "speed_4x20_fp16_cudagraphs/speed.json",
@@ -92,9 +98,7 @@ def plan(work: Path, smoke: bool) -> list[dict]:
                                         "--variants", "baseline,patch-ranking,static",  # TopK + gather: capturable
                                         "--batch-sizes", "1,32", "--warmup", "5", "--iters", "30",
                                         "-o", str(work / "speed_4x20_fp16_cudagraphs"), "-q"]})
-    order = ["env", "speed_4x20_fp16", "accuracy", "speed_4x20_bf16", "speed_keep60_fp16", "rank_cuda", "rank_cpu", "compare_rankings",
-             "train_cuda", "gpu_tests", "speed_keep60_bf16", "train_cpu"]  # most wanted first
-    steps.sort(key=lambda s: order.index(s["name"]) if s["name"] in order else len(order))
+    steps.sort(key=lambda s: STEP_ORDER.index(s["name"]) if s["name"] in STEP_ORDER else len(STEP_ORDER))
     if smoke:  # one thread: on a shared, oversubscribed CPU, spinning OpenMP threads cost 50x here
         for s in steps:
             s["env"] = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
@@ -175,7 +179,8 @@ def step_env() -> dict:
             "cuda_available": torch.cuda.is_available()}
     if torch.cuda.is_available():
         p = torch.cuda.get_device_properties(0)
-        info["gpu"] = {"name": p.name, "capability": f"{p.major}.{p.minor}", "memory_gib": round(p.total_memory / 2**30, 1),
+        info["gpu"] = {"name": p.name, "capability": f"{p.major}.{p.minor}",
+                       "memory_gib": round(p.total_memory / 2**30, 1),
                        "multiprocessors": p.multi_processor_count}
     return info
 
@@ -189,7 +194,8 @@ def step_accuracy(work: Path, device: str, limit: int | None) -> dict:
 
     loaded = load_clip("testbed")
     sched = schedule_for(loaded, TESTBED_SCHEDULE)
-    specs = {"none": EncoderSpec(schedule_for(loaded, "none")), "patch-ranking": EncoderSpec(sched, "predictor", PREDICTOR_PATH),
+    specs = {"none": EncoderSpec(schedule_for(loaded, "none")),
+             "patch-ranking": EncoderSpec(sched, "predictor", PREDICTOR_PATH),
              "tome": EncoderSpec(sched, "tome"), "evit": EncoderSpec(sched, "evit")}
     result = precision_drift(loaded, load_dataset("testbed", "test").limit(limit), specs, device=device)
     (work / "accuracy.json").write_text(json.dumps(result, indent=1))
@@ -211,10 +217,12 @@ def step_compare_rankings(work: Path) -> dict:
     ks = sorted({10, round(0.6 * n)})
     rho = [spearman(gpu.importance[i], cpu.importance[j]) for i, j in common]
     overlap = {k: [len(set(gpu.rankings[i, :k]) & set(cpu.rankings[j, :k])) / k for i, j in common] for k in ks}
-    res = {"images": len(common), "num_patches": n, "spearman_mean": float(np.mean(rho)), "spearman_min": float(np.min(rho)),
+    res = {"images": len(common), "num_patches": n, "spearman_mean": float(np.mean(rho)),
+           "spearman_min": float(np.min(rho)),
            "identical_rankings": float(np.mean([np.array_equal(gpu.rankings[i], cpu.rankings[j]) for i, j in common])),
            **{f"top{k}_overlap_mean": float(np.mean(v)) for k, v in overlap.items()},
-           "max_abs_importance_diff": float(max(np.abs(gpu.importance[i] - cpu.importance[j]).max() for i, j in common))}
+           "max_abs_importance_diff": float(max(np.abs(gpu.importance[i] - cpu.importance[j]).max()
+                                                for i, j in common))}
     (work / "compare_rankings.json").write_text(json.dumps(res, indent=1))
     print(json.dumps(res, indent=1))
     return res
@@ -224,7 +232,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("out", nargs="?", type=Path, help="Folder for device_check.json/.md/.log.")
     ap.add_argument("--smoke", action="store_true", help="CPU, testbed-sized: the same steps in seconds.")
-    ap.add_argument("--dry-run", action="store_true", help="List the steps and the carried files with sizes; run nothing.")
+    ap.add_argument("--dry-run", action="store_true",
+                    help="List the steps and the carried files with sizes; run nothing.")
     ap.add_argument("--budget", type=float, default=450.0, help="Seconds for all steps together (default 450).")
     ap.add_argument("--workdir", type=Path, help="Scratch folder (default: a new temporary folder).")
     ap.add_argument("--only", help="Comma-separated step names.")

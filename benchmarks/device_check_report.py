@@ -29,9 +29,9 @@ def markdown(report: dict) -> str:
     env = (steps.get("env") or {}).get("result") or {}
     if env:
         gpu = env.get("gpu") or {}
-        lines += [f"GPU: {gpu.get('name', 'none')} (cc {gpu.get('capability', '-')}, {gpu.get('memory_gib', '-')} GiB); "
-                  f"nvidia-smi: {env.get('nvidia_smi') or '-'}; torch {env.get('torch')} (CUDA {env.get('torch_cuda')}, "
-                  f"cuDNN {env.get('cudnn')}); Python {env.get('python')}.", ""]
+        lines += [f"GPU: {gpu.get('name', 'none')} (cc {gpu.get('capability', '-')}, {gpu.get('memory_gib', '-')} "
+                  f"GiB); nvidia-smi: {env.get('nvidia_smi') or '-'}; torch {env.get('torch')} (CUDA "
+                  f"{env.get('torch_cuda')}, cuDNN {env.get('cudnn')}); Python {env.get('python')}.", ""]
     lines += ["| step | status | seconds |", "|---|---|---|"]
     lines += [f"| {s['name']} | {s['status']} | {s.get('seconds', '-')} |" for s in report["steps"]]
     if "gpu_tests" in steps and steps["gpu_tests"].get("summary"):
@@ -97,7 +97,8 @@ def _phase_section(steps: dict) -> list[str]:
                                                                              if k.startswith("match@")) + " |")
     if rows:
         lines += ["", "## Phase II: predictor training on those rankings", "",
-                  "| run | seconds | img/s (images x epochs) | val Spearman | val match@k |", "|---|---|---|---|---|", *rows]
+                  "| run | seconds | img/s (images x epochs) | val Spearman | val match@k |", "|---|---|---|---|---|",
+                  *rows]
     return lines
 
 
@@ -120,8 +121,10 @@ def travelling_files(root: Path) -> list[tuple[str, int]]:
 
 def dry_listing(steps: list[dict], root: Path, budget: float) -> str:
     lines = [f"# device_check plan: {len(steps)} steps, time boxes sum to {sum(s['timeout'] for s in steps)} s "
-             f"(overall budget {budget:.0f} s: steps past it are skipped)", "", "| step | time box s | command |", "|---|---|---|"]
-    lines += [f"| {s['name']} | {s['timeout']} | `{' '.join(Path(a).name if i == 0 else a for i, a in enumerate(s['argv']))}` |"
+             f"(overall budget {budget:.0f} s: steps past it are skipped)", "", "| step | time box s | command |",
+             "|---|---|---|"]
+    lines += [f"| {s['name']} | {s['timeout']} | "
+              f"`{' '.join(Path(a).name if i == 0 else a for i, a in enumerate(s['argv']))}` |"
               for s in steps]
     files = travelling_files(root)
     wheels = [(n, s) for n, s in files if n.startswith(".whl/")]
@@ -135,5 +138,6 @@ def dry_listing(steps: list[dict], root: Path, budget: float) -> str:
     if missing:
         lines.append(f"- MISSING wheels (run `make device-wheels`): {', '.join(missing)}")
     lines += [f"- total: {total / 2**20:.2f} MiB of 64 MiB: {'OK' if total <= CARRY_LIMIT else 'OVER THE LIMIT'}", "",
-              "Device tool call: `run(command=\"bash benchmarks/device_check.sh $OUT\", carry=[\".whl\"], timeout_s=560)`"]
+              "Device tool call: `run(command=\"bash benchmarks/device_check.sh $OUT\", carry=[\".whl\"], "
+              "timeout_s=560)`"]
     return "\n".join(lines) + "\n"

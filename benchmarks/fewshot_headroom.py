@@ -5,7 +5,8 @@ on frozen, unpruned image embeddings of k shots per class from the train split, 
 the test split next to zero-shot. When no probe beats zero-shot, the features already hold all the
 few shots can say linearly, and tuned tokens can only win by changing the features themselves.
 
-    python benchmarks/fewshot_headroom.py --data testbed --data testbed-sketch > benchmarks/results/fewshot-headroom-ENV.jsonl
+    python benchmarks/fewshot_headroom.py --data testbed --data testbed-sketch \\
+        > benchmarks/results/fewshot-headroom-ENV.jsonl
 """
 
 from __future__ import annotations
@@ -36,7 +37,8 @@ def headroom(loaded, data: str, shots: list[int], steps: int = 300, seed: int = 
     enc, _ = build_pruned_encoder(loaded, EncoderSpec(schedule_for(loaded, "none")), normalize=True)
     zero = text_classifier(loaded, test).float()  # [C, E] unit rows
     xt, yt = embed(enc, test, loaded.preprocess)
-    out = {"data": data, "test_images": len(test), "zero_shot": 100.0 * float(((xt @ zero.t()).argmax(1) == yt).float().mean())}
+    out = {"data": data, "test_images": len(test),
+           "zero_shot": 100.0 * float(((xt @ zero.t()).argmax(1) == yt).float().mean())}
     scale = float(loaded.model.logit_scale.detach().exp())
     for k in shots:
         xs, ys = embed(enc, few_shot(train, k, seed), loaded.preprocess)

@@ -112,12 +112,14 @@ def markdown_table(result: dict) -> str:
              f"{result['model']['model']} ({result['model']['pretrained']}).", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in result["rows"]:
-        top1 = f"{r['top1']:.2f}" + (f" ± {r['top1_stderr']:.2f} ({len(r['seeds'])} seeds)" if r.get("top1_stderr") is not None else "")
+        top1 = f"{r['top1']:.2f}" + (f" ± {r['top1_stderr']:.2f} ({len(r['seeds'])} seeds)"
+                                     if r.get("top1_stderr") is not None else "")
         lines.append("| " + " | ".join([
             r["method"], r["schedule"], str(r["keep"]), top1, f"{r['top5']:.2f}" if r["top5"] is not None else "-",
             f"{r['mean_cosine']:.4f}" if r["mean_cosine"] is not None else "-",
             f"{r['top1_agreement']:.1f}" if r["top1_agreement"] is not None else "-", f"{r['gflops']:.3f}",
-            f"{r['paired_diff']:+.2f} ± {r['paired_se']:.2f} vs {r['paired_vs']}" if r.get("paired_vs") else "-"]) + " |")
+            f"{r['paired_diff']:+.2f} ± {r['paired_se']:.2f} vs {r['paired_vs']}" if r.get("paired_vs") else "-"])
+                + " |")
     lines += ["", "Δ top-1: the row minus Patch Ranking at the same schedule (rows without it: minus the unpruned "
               "model), per image on the same images; ± is the standard error of that paired difference."]
     return "\n".join(lines) + "\n"

@@ -68,7 +68,8 @@ PAIRS = (("T+V+prune", "T+V"), ("T+V+prune", "prune"), ("T+prune", "prune"), ("T
 
 def markdown_table(result: dict) -> str:
     lines = [f"Table-5-style ablation on {result['dataset']}/{result['split']} ({result['images']} images), "
-             f"{result['shots']} shots per class ({result['train_images']} images), seed {result['tune_config'].get('seed')}; "
+             f"{result['shots']} shots per class ({result['train_images']} images), seed "
+             f"{result['tune_config'].get('seed')}; "
              + ", ".join(f"{k} {v}" for k, v in result["tune_config"].items() if k not in ("seed", "shots")) + ".",
              "", "| row | schedule | top-1 % | top-5 % | GFLOPs |", "|---|---|---|---|---|"]
     for r in result["rows"]:

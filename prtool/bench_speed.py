@@ -56,7 +56,8 @@ def _runner(backend: str, encoder, onnx_path: Path | None, device: torch.device,
 
         sizes = batch_sizes or [1]
         precision = precision or "fp16"
-        cfg = resolve_build_config(onnx_path, precision, min_batch=min(sizes), opt_batch=max(sizes), max_batch=max(sizes))
+        cfg = resolve_build_config(onnx_path, precision, min_batch=min(sizes), opt_batch=max(sizes),
+                                   max_batch=max(sizes))
         plan = Path(onnx_path).with_suffix(f".{precision}.plan")
         build_engine(cfg, plan)
         engine = TensorRTRunner(plan)
@@ -133,7 +134,8 @@ def bench_speed(loaded, schedule_text: str | None, keep_ratio: float | None, sta
         paths = {}
         if backend != "torch":
             for name, spec in specs.items():
-                paths[name] = export_onnx(loaded, spec, workdir / f"{name}.onnx", ExportOptions(validate=False)).onnx_path
+                paths[name] = export_onnx(loaded, spec, workdir / f"{name}.onnx",
+                                          ExportOptions(validate=False)).onnx_path
         runners = {name: _runner(backend, encoders[name], paths.get(name), dev, batch_sizes, precision, cuda_graphs)
                    for name in specs}
         torch_cuda = backend == "torch" and dev.type == "cuda"
@@ -176,14 +178,15 @@ def _device_of(backend: str, torch_device: str) -> str:
 def _torch_where(result: dict) -> str:
     dev = result.get("torch_device", {})
     where = dev.get("gpu") or dev.get("device", "cpu")
-    return f"{where} in {result.get('torch_precision', 'fp32')}" + (" with CUDA graphs" if result.get("cuda_graphs") else "")
+    return f"{where} in {result.get('torch_precision', 'fp32')}" + (" with CUDA graphs" if result.get("cuda_graphs")
+                                                                    else "")
 
 
 def markdown_table(result: dict) -> str:
     head = ["backend", "batch", "variant", "p50 ms", "p90 ms", "p99 ms", "img/s", "speedup", "ideal", "measured/ideal"]
-    lines = [f"Schedule `{result['schedule']['string']}` on {result['model']['model']} ({result['model']['pretrained']}), "
-             f"{result['threads']} threads, {result['iters']} interleaved iterations after {result['warmup']} warm-up; "
-             f"torch backend on {_torch_where(result)}.",
+    lines = [f"Schedule `{result['schedule']['string']}` on {result['model']['model']} "
+             f"({result['model']['pretrained']}), {result['threads']} threads, {result['iters']} interleaved "
+             f"iterations after {result['warmup']} warm-up; torch backend on {_torch_where(result)}.",
              "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     shares = []
     for r in result["results"]:

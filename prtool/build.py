@@ -68,8 +68,8 @@ def resolve_predictor(loaded: LoadedModel, schedule: Schedule, scorer: str, pred
 
     if predictor is not None and schedule.is_empty:
         raise PrtoolError(f"--predictor {predictor} needs a pruning schedule (without one nothing is pruned and the "
-                          "predictor is unused): pass --schedule/-s with the first stage at the predictor's rank block, "
-                          "or --keep-ratio")
+                          "predictor is unused): pass --schedule/-s with the first stage at the predictor's rank "
+                          "block, or --keep-ratio")
     if predictor is not None or schedule.is_empty or ranker_of(scorer) != "predictor":
         return predictor
     shipped = tbspec.PREDICTOR_PATH

@@ -219,7 +219,8 @@ def load_dataset(data: str, split: str = "test", image_root: Path | None = None,
         return _testbed(split, data, read_templates(templates_file, data))
     path = Path(data)
     if not path.exists():
-        raise PrtoolError(f"dataset {data} does not exist: pass 'testbed' (or 'testbed-sketch'), a class-folder directory, a .csv or a CoOp .json")
+        raise PrtoolError(f"dataset {data} does not exist: pass 'testbed' (or 'testbed-sketch'), a class-folder "
+                          "directory, a .csv or a CoOp .json")
     root = Path(image_root) if image_root else path.parent
     notes: list[str] = []
     if path.is_dir():
@@ -237,4 +238,5 @@ def load_dataset(data: str, split: str = "test", image_root: Path | None = None,
         raise PrtoolError(f"dataset {data}: image {missing[0]} does not exist (check --image-root)")
     for note in notes:
         log.warning("note: %s", note)
-    return ImageDataset(path.stem, split, classes, prompts_for(classes, templates_file, path.stem), samples, notes=notes)
+    return ImageDataset(path.stem, split, classes, prompts_for(classes, templates_file, path.stem), samples,
+                        notes=notes)

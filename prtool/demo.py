@@ -30,20 +30,13 @@ from prtool.manifest import write_json_atomic
 from prtool.models import load_clip
 from prtool.runtime import ort_session
 from prtool.testbed import spec as tbspec
+from prtool.testbed.spec import DEMO_KEEP_RATIO, DEMO_STAGES, demo_scorer
 from prtool.timing import interleaved_latency
 from prtool.visualize import save_rows, stage_panels
 
 log = logging.getLogger(__name__)
 
-DEMO_KEEP_RATIO, DEMO_STAGES = 0.6, 4
 MERGED = {"predictor": "patch-ranking-merge", "cls-attn": "cls-attn-merge"}  # the demo's pruned export
-
-
-def demo_scorer() -> tuple[str, Path | None]:
-    """The committed predictor when it exists, else CLS attention."""
-    if tbspec.PREDICTOR_PATH.exists():
-        return "predictor", tbspec.PREDICTOR_PATH
-    return "cls-attn", None
 
 
 def demo_tokens(loaded, spec: EncoderSpec):
@@ -104,17 +97,7 @@ def run_demo(out: Path, limit: int | None = None, latency_batch: int = 32, laten
         row["ideal_flop_speedup"] = rows["unpruned"]["cost"]["gmacs"] / row["cost"]["gmacs"]
     speedup, ideal = rows["pruned"]["speedup_p50"], rows["pruned"]["ideal_flop_speedup"]
 
-    pictures = out / "kept_patches.png"
-    enc, _ = build_pruned_encoder(loaded, specs["pruned"])
-    shown = range(min(8, len(dataset)))
-    shown_pixels, _, _ = dataset.load(shown, loaded.preprocess)
-    with torch.no_grad():
-        order = torch.argsort(enc.first_stage_scores(shown_pixels), dim=1, descending=True, stable=True)
-    canvases = dataset.arrays[[dataset.samples[i][0] for i in shown]]
-    grid = loaded.visual.grid_size
-    save_rows([stage_panels(c, order[i].numpy(), list(schedule.keep), grid,
-                            titles=[f"block {b}: keep {k}" for b, k in zip(schedule.blocks, schedule.keep)])
-               for i, c in enumerate(canvases)], pictures)
+    pictures = save_kept_patches(loaded, specs["pruned"], dataset, out / "kept_patches.png")
 
     report = {
         "model": loaded.model_id,
@@ -132,6 +115,22 @@ def run_demo(out: Path, limit: int | None = None, latency_batch: int = 32, laten
     write_json_atomic(out / "report.json", report)
     (out / "report.md").write_text(render_markdown(report))
     return report
+
+
+def save_kept_patches(loaded, spec: EncoderSpec, dataset, path: Path, count: int = 8) -> Path:
+    """One row per image (the first ``count``): the patches ``spec``'s encoder keeps at each stage."""
+    enc, _ = build_pruned_encoder(loaded, spec)
+    schedule = spec.schedule
+    shown = range(min(count, len(dataset)))
+    shown_pixels, _, _ = dataset.load(shown, loaded.preprocess)
+    with torch.no_grad():
+        order = torch.argsort(enc.first_stage_scores(shown_pixels), dim=1, descending=True, stable=True)
+    canvases = dataset.arrays[[dataset.samples[i][0] for i in shown]]
+    grid = loaded.visual.grid_size
+    save_rows([stage_panels(c, order[i].numpy(), list(schedule.keep), grid,
+                            titles=[f"block {b}: keep {k}" for b, k in zip(schedule.blocks, schedule.keep)])
+               for i, c in enumerate(canvases)], path)
+    return path
 
 
 def summary_rows(report: dict) -> list[tuple]:
@@ -155,8 +154,9 @@ def render_markdown(report: dict) -> str:
         "# prtool demo report",
         "",
         f"Model: testbed ({report['model']['pretrained']}); schedule `{report['schedule']['string']}` "
-        f"(keep {report['schedule']['final_keep']}/{report['schedule']['num_patches']} patches, scorer {report['scorer']}); "
-        f"{report['eval_images']} shipped eval images; accuracy from the ONNX exports in onnxruntime.",
+        f"(keep {report['schedule']['final_keep']}/{report['schedule']['num_patches']} patches, scorer "
+        f"{report['scorer']}); {report['eval_images']} shipped eval images; accuracy from the ONNX exports in "
+        "onnxruntime.",
         "",
         "| " + " | ".join(SUMMARY_COLUMNS) + " |",
         "|" + "---|" * len(SUMMARY_COLUMNS),

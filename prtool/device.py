@@ -74,5 +74,6 @@ def device_report(device: torch.device | str) -> dict:
         idx = dev.index if dev.index is not None else torch.cuda.current_device()
         out.update({"gpu": torch.cuda.get_device_name(idx),
                     "compute_capability": ".".join(map(str, torch.cuda.get_device_capability(idx))),
-                    "tf32_matmul": torch.backends.cuda.matmul.allow_tf32, "tf32_cudnn": torch.backends.cudnn.allow_tf32})
+                    "tf32_matmul": torch.backends.cuda.matmul.allow_tf32,
+                    "tf32_cudnn": torch.backends.cudnn.allow_tf32})
     return out

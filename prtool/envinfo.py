@@ -46,7 +46,8 @@ def collect_env() -> dict:
         "torch": torch.__version__,
         "torch_cuda_build": torch.version.cuda,
         "cuda_available": torch.cuda.is_available(),
-        "gpus": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else [],
+        "gpus": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if torch.cuda.is_available()
+            else [],
         "open_clip": _version("open_clip_torch"),
         "onnx": _version("onnx"),
         "onnxruntime": _version("onnxruntime-gpu") or _version("onnxruntime"),

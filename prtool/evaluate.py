@@ -14,11 +14,7 @@ from prtool.errors import PrtoolError
 from prtool.io_names import LOGITS
 from prtool.models import LoadedModel
 from prtool.progress import progress_bar
-from prtool.zeroshot import class_text_embeddings, evaluate_embeddings, onnx_embedder, torch_embedder
-
-
-def text_classifier(loaded: LoadedModel, dataset: ImageDataset) -> torch.Tensor:
-    return class_text_embeddings(loaded.model, loaded.tokenizer(), dataset.class_prompts)
+from prtool.zeroshot import evaluate_embeddings, onnx_embedder, text_classifier, torch_embedder
 
 
 def _progress_batches(dataset: ImageDataset, batch_size: int, preprocess: dict, label: str, skip_bad: bool = False):

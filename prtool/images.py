@@ -20,7 +20,8 @@ def list_images(directory: Path) -> list[Path]:
     files = sorted(p for p in directory.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
     if not files:
         raise PrtoolError(
-            f"image directory {directory} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))}): add some or pass another --images"
+            f"image directory {directory} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))}): add some or pass "
+            "another --images"
         )
     return files
 

@@ -39,7 +39,7 @@ def rank_dataset(loaded: LoadedModel, dataset: ImageDataset, out: Path, cfg: Ran
         if not dataset.classnames or (cfg.score == "label" and (dataset.labels < 0).any()):
             raise PrtoolError(f"--score {cfg.score} needs labelled images with class names: this dataset has none; "
                               "use --score preservation")
-        from prtool.evaluate import text_classifier
+        from prtool.zeroshot import text_classifier
 
         class_emb = text_classifier(loaded, dataset)
     scale = float(loaded.model.logit_scale.detach().exp()) if hasattr(loaded.model, "logit_scale") else 100.0

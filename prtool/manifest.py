@@ -3,37 +3,12 @@
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 
+from prtool.files import follow_umask, sha256_file, write_json_atomic  # noqa: F401 - importable from here too
 from prtool.io_names import BATCH_AXIS, KEPT_INDICES, LOGITS, PIXELS
-from prtool.models import sha256_file
 
 MANIFEST_VERSION = 1
-
-
-def follow_umask(path: Path) -> None:
-    """Give a file written through a temporary file (mkstemp and safetensors create 0600) the mode
-    an ordinary ``open()`` would: 0666 minus the process umask."""
-    mask = os.umask(0)
-    os.umask(mask)
-    os.chmod(path, 0o666 & ~mask)
-
-
-def write_json_atomic(path: Path, obj) -> None:
-    """Write JSON to a temporary file in the same folder, then rename it into place."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=2, sort_keys=False, default=str)
-            f.write("\n")
-        follow_umask(Path(tmp))  # mkstemp creates 0600; manifests are meant to be read by consumers
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def package_versions() -> dict:
@@ -125,7 +100,8 @@ def checked_manifest(onnx_path: Path) -> dict:
     except (ValueError, UnicodeDecodeError):
         manifest = None
     if not isinstance(manifest, dict) or "onnx_sha256" not in manifest:
-        raise PrtoolError(f"{side} beside {onnx_path.name} is not a prtool export manifest: export it with `prtool export`")
+        raise PrtoolError(f"{side} beside {onnx_path.name} is not a prtool export manifest: export it with `prtool "
+                          "export`")
     sha = sha256_file(onnx_path)
     if sha != manifest["onnx_sha256"]:
         raise PrtoolError(f"{onnx_path} (sha256 {sha[:12]}) is not the graph its manifest {side} describes "

@@ -9,7 +9,6 @@ random weights (tests, speed work).
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import logging
 import pickle
 import zipfile
@@ -20,6 +19,7 @@ import torch
 from torch import nn
 
 from prtool.errors import PrtoolError
+from prtool.files import sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -64,14 +64,6 @@ def register_testbed() -> None:
         oc.add_model_config(spec.CONFIG_PATH)
 
 
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     """Read a checkpoint file safely: safetensors, or a torch file with ``weights_only=True``."""
     path = Path(path)
@@ -86,7 +78,8 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
                           "of the CLIP model (--pretrained takes weights, an open_clip tag or 'none')")
     with open(path, "rb") as f:
         head = f.read(8)
-    if path.suffix == ".safetensors" or (len(head) == 8 and int.from_bytes(head, "little") < (1 << 28) and not zipfile.is_zipfile(path)):
+    if path.suffix == ".safetensors" or (len(head) == 8 and int.from_bytes(head, "little") < (1 << 28)
+                                         and not zipfile.is_zipfile(path)):
         from safetensors import SafetensorError
         from safetensors.torch import load_file
 
@@ -106,7 +99,8 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
                     "re-save it as a plain state_dict (torch.save(model.state_dict(), ...)) or as safetensors"
                 ) from None
             raise PrtoolError(
-                f"checkpoint {path} is not a checkpoint ({str(exc).splitlines()[0]}): pass a safetensors file or a torch state_dict"
+                f"checkpoint {path} is not a checkpoint ({str(exc).splitlines()[0]}): pass a safetensors file or a "
+                "torch state_dict"
             ) from None
         except Exception as exc:  # corrupt torch files raise RuntimeError, EOFError, KeyError, ...
             raise PrtoolError(

@@ -34,9 +34,11 @@ class MixerBlock(nn.Module):
     def __init__(self, num_tokens: int, channels: int, token_hidden: int, channel_hidden: int):
         super().__init__()
         self.norm1 = nn.LayerNorm(channels)
-        self.token_mlp = nn.Sequential(nn.Linear(num_tokens, token_hidden), nn.GELU(), nn.Linear(token_hidden, num_tokens))
+        self.token_mlp = nn.Sequential(nn.Linear(num_tokens, token_hidden), nn.GELU(),
+                                       nn.Linear(token_hidden, num_tokens))
         self.norm2 = nn.LayerNorm(channels)
-        self.channel_mlp = nn.Sequential(nn.Linear(channels, channel_hidden), nn.GELU(), nn.Linear(channel_hidden, channels))
+        self.channel_mlp = nn.Sequential(nn.Linear(channels, channel_hidden), nn.GELU(),
+                                         nn.Linear(channel_hidden, channels))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.token_mlp(self.norm1(x).transpose(1, 2)).transpose(1, 2)
@@ -71,7 +73,7 @@ def save_predictor(predictor: RankingPredictor, path: Path, meta: dict) -> None:
     """Write weights + JSON config atomically (``path`` ends in .safetensors)."""
     from safetensors.torch import save_file
 
-    from prtool.manifest import follow_umask
+    from prtool.files import follow_umask
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -111,7 +113,8 @@ def _not_a_predictor(path: Path, meta_path: Path) -> str | None:
         except (ValueError, AttributeError):
             kind = None
         if kind:
-            return f"not a predictor: {meta_path.name} beside it is a {kind!r} manifest; pass the .safetensors written by `prtool train`"
+            return (f"not a predictor: {meta_path.name} beside it is a {kind!r} manifest; "
+                    "pass the .safetensors written by `prtool train`")
     return None
 
 
@@ -128,14 +131,14 @@ def load_predictor(path: Path) -> tuple[RankingPredictor, dict]:
     if wrong:
         raise PrtoolError(f"predictor {path} is {wrong}")
     if not meta_path.exists():
-        raise PrtoolError(f"predictor {path} has no config {meta_path.name} beside it: pass the .safetensors written by "
-                          "`prtool train` with the .json it wrote beside it")
+        raise PrtoolError(f"predictor {path} has no config {meta_path.name} beside it: pass the .safetensors written "
+                          "by `prtool train` with the .json it wrote beside it")
     try:
         meta = json.loads(meta_path.read_text())
         cfg = PredictorConfig(**meta["predictor"])
     except (ValueError, KeyError, TypeError) as exc:
-        raise PrtoolError(f"predictor config {meta_path} is not a prtool predictor config ({type(exc).__name__}: {exc}): "
-                          "pass the .safetensors written by `prtool train`") from None
+        raise PrtoolError(f"predictor config {meta_path} is not a prtool predictor config ({type(exc).__name__}: "
+                          f"{exc}): pass the .safetensors written by `prtool train`") from None
     try:
         state = load_file(str(path))
     except (SafetensorError, OSError, ValueError) as exc:

@@ -147,7 +147,7 @@ class PromptLearner(nn.Module):
 def save_tokens(learner: PromptLearner, path: Path, meta: dict) -> None:
     from safetensors.torch import save_file
 
-    from prtool.manifest import follow_umask
+    from prtool.files import follow_umask
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -226,3 +226,13 @@ def load_tokens(path: Path, model, tokenizer, vision_width: int, model_id: dict,
     except RuntimeError as exc:
         raise PrtoolError(f"tokens {path} do not fit this model ({str(exc).splitlines()[0]})") from None
     return learner.eval(), meta
+
+
+def learner_classnames(tokens: Path) -> list[str]:
+    """The class names the tokens at ``tokens`` were tuned with (from the config beside them)."""
+    return json.loads(Path(tokens).with_suffix(".json").read_text())["classnames"]
+
+
+def learner_synonyms(tokens: Path) -> list[list[str]] | None:
+    """Names per class the tokens were tuned with (None for checkpoints written before synonyms)."""
+    return json.loads(Path(tokens).with_suffix(".json").read_text()).get("class_synonyms")

@@ -102,7 +102,8 @@ class PrunedVisionTransformer(nn.Module):
         self.normalize = normalize
         self.return_indices = return_indices
         self.num_patches = num_patches
-        self.image_size = tuple(visual.image_size) if isinstance(visual.image_size, (tuple, list)) else (visual.image_size,) * 2
+        size = visual.image_size
+        self.image_size = tuple(size) if isinstance(size, (tuple, list)) else (size,) * 2
         if visual_prompts is not None:
             self.register_buffer("visual_prompts", visual_prompts.detach().clone(), persistent=True)
         else:

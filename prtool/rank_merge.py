@@ -85,7 +85,8 @@ class RankMergeVisionTransformer(PrunedVisionTransformer):
         return torch.cat([x[:, :p], gather_tokens(x[:, p:], order, self.gather)], dim=1), order
 
     def reduce(self, x: torch.Tensor, size: torch.Tensor, keep: int, block: nn.Module):
-        """``[B, P + n, D]``, sizes ``[B, P + n]`` -> ``[B, P + keep, D]``, ``[B, P + keep]``; the prefix never merges."""
+        """``[B, P + n, D]``, sizes ``[B, P + n]`` -> ``[B, P + keep, D]``, ``[B, P + keep]``; the prefix never
+        merges."""
         p = self.num_prefix
         if self.target == "fused":
             fused, fused_size = fuse(x[:, p + keep - 1 :], size[:, p + keep - 1 :])

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from prtool.errors import PrtoolError
-from prtool.manifest import write_json_atomic
+from prtool.files import write_json_atomic
 from prtool.progress import progress_bar
 from prtool.store_lock import StoreLock
 from prtool.store_shards import CorruptShard, read_shard, shard_name, write_shard
@@ -127,7 +127,8 @@ def settle_plan(out: Path, plan: dict) -> None:
     if old == plan:
         return
     if old is not None:
-        same = {k: v for k, v in old.items() if k not in NOT_IDENTITY} == {k: v for k, v in plan.items() if k not in NOT_IDENTITY}
+        same = ({k: v for k, v in old.items() if k not in NOT_IDENTITY}
+                == {k: v for k, v in plan.items() if k not in NOT_IDENTITY})
         diff = sorted(k for k in set(old) | set(plan) if k not in NOT_IDENTITY and old.get(k) != plan.get(k))
         if not same and any(out.glob("shard-*.safetensors")):
             raise PrtoolError(f"{out} holds rankings made with another configuration (differs in {', '.join(diff)}): "
@@ -156,7 +157,8 @@ def _entry(shard) -> dict:
     return {**shard.entry, "skipped": shard.skipped} if shard.skipped else shard.entry
 
 
-def verify_shards(out: Path, shards: list[int], previous: dict[str, dict], plan: dict) -> tuple[dict[int, dict], list[int]]:
+def verify_shards(out: Path, shards: list[int], previous: dict[str, dict],
+                  plan: dict) -> tuple[dict[int, dict], list[int]]:
     """Split ``shards`` into verified ones (shard -> index entry) and those to compute, saying why for each."""
     good, todo = {}, []
     for s in shards:
@@ -252,9 +254,11 @@ def _fill_store(dist, ranker, dataset, preprocess, out, plan, shard_size, skip_b
             "num_shards": (n + size - 1) // size}
     dist.on_rank0(lambda: settle_plan(out, plan))
     previous = dist.on_rank0(lambda: _previous_entries(out))
-    good, todo = verify_shards(out, [s for s in range(plan["num_shards"]) if s % dist.world == dist.rank], previous, plan)
+    good, todo = verify_shards(out, [s for s in range(plan["num_shards"]) if s % dist.world == dist.rank], previous,
+                               plan)
     kept = sum(dist.gather(len(good)))
-    bad = [b for part in dist.gather(unreadable_images(dataset, [i for s in todo for i in _rows(plan, s)])) for b in part]
+    bad = [b for part in dist.gather(unreadable_images(dataset,
+                                                       [i for s in todo for i in _rows(plan, s)])) for b in part]
     if bad and not skip_bad:
         raise unreadable_error(bad, kept > 0)
     if bad:
@@ -282,7 +286,8 @@ def _rank_shard(ranker, dataset, preprocess, path: Path, rows: range, skip_bad: 
         try:
             pixels, labels, ok = dataset.load([i], preprocess, skip_bad=skip_bad)
         except PrtoolError:  # unreadable although it decoded before the run: it changed meanwhile
-            raise unreadable_error(unreadable_images(dataset, [i]) or [(dataset.sample_id(i), "unreadable")], True) from None
+            raise unreadable_error(unreadable_images(dataset, [i]) or [(dataset.sample_id(i), "unreadable")],
+                                   True) from None
         if ok:
             r, imp = ranker.rank(pixels, int(labels[0]))
             rankings.append(r)
@@ -345,7 +350,9 @@ def load_store(path: Path) -> RankingStore:
 def _read_index(path: Path) -> dict:
     idx_path = path / "index.json"
     if not idx_path.exists():
-        hint = " (the run was interrupted: rerun `prtool rank` with the same options to finish it)" if (path / "plan.json").exists() else ""
+        hint = ""
+        if (path / "plan.json").exists():
+            hint = " (the run was interrupted: rerun `prtool rank` with the same options to finish it)"
         raise PrtoolError(f"{path} is not a finished rankings store: index.json is missing{hint}")
     try:
         index = json.loads(idx_path.read_text())
@@ -353,7 +360,8 @@ def _read_index(path: Path) -> dict:
     except (ValueError, KeyError, TypeError) as exc:
         raise PrtoolError(f"{idx_path} is corrupt ({type(exc).__name__}): {repair_hint(path, {})}") from None
     if index.get("store_version", 1) > STORE_VERSION:
-        raise PrtoolError(f"{path} was written by a newer prtool (store version {index['store_version']}): upgrade prtool")
+        raise PrtoolError(f"{path} was written by a newer prtool (store version {index['store_version']}): upgrade "
+                          "prtool")
     return index
 
 

@@ -74,7 +74,8 @@ class GoldenRanker:
         self.variant_batch = cfg.batch_size if batched else 1
         drop = cfg.drop_per_iter or self.n // (2 * cfg.iters)
         if cfg.iters > 1 and not 1 <= drop * (cfg.iters - 1) < self.n:
-            raise PrtoolError(f"greedy refinement drops {drop} x {cfg.iters - 1} of {self.n} tokens: lower --drop-per-iter")
+            raise PrtoolError(f"greedy refinement drops {drop} x {cfg.iters - 1} of {self.n} tokens: lower "
+                              "--drop-per-iter")
         self.drop = drop
 
     def macs_per_image(self) -> float:

@@ -140,7 +140,8 @@ def derive_schedule(keep_ratio: float, stages: int, num_patches: int, depth: int
     if total == 0:
         return Schedule((), num_patches, depth)
     if total < stages:
-        raise PrtoolError(f"keep ratio {keep_ratio} removes {total} tokens, fewer than {stages} stages: use fewer --stages")
+        raise PrtoolError(f"keep ratio {keep_ratio} removes {total} tokens, fewer than {stages} stages: use fewer "
+                          "--stages")
     base, extra = divmod(total, stages)
     removed = [base + (1 if i < extra else 0) for i in range(stages)]
     return Schedule(tuple(zip(blocks, removed)), num_patches, depth)

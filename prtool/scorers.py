@@ -53,7 +53,8 @@ def cls_attention(x: torch.Tensor, block: nn.Module, num_prefix: int) -> torch.T
     h = block.ln_1(x)
     dim, heads = attn.embed_dim, attn.num_heads
     w_q, w_k = attn.in_proj_weight[:dim], attn.in_proj_weight[dim : 2 * dim]
-    b_q, b_k = (attn.in_proj_bias[:dim], attn.in_proj_bias[dim : 2 * dim]) if attn.in_proj_bias is not None else (None, None)
+    bias = attn.in_proj_bias
+    b_q, b_k = (bias[:dim], bias[dim : 2 * dim]) if bias is not None else (None, None)
     q = nn.functional.linear(h[:, :1], w_q, b_q)  # [B, 1, D]
     k = nn.functional.linear(h, w_k, b_k)  # [B, T, D]
     hd = dim // heads

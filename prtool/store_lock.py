@@ -60,7 +60,8 @@ class StoreLock:
         previous = os.read(self._fd, 4096)
         if previous.strip():
             log.info("%s: the run that held it (%s) is no longer running; taking over", self.path, _describe(previous))
-        me = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())}
+        me = {"pid": os.getpid(), "host": socket.gethostname(),
+              "started": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())}
         os.ftruncate(self._fd, 0)
         os.pwrite(self._fd, json.dumps(me).encode(), 0)
 

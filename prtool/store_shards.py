@@ -1,11 +1,11 @@
 """Shards of a rankings store: written atomically with a checksum of their content, verified on every read.
 
 A shard is a safetensors file: ``rankings`` int16 ``[n, N]``, ``importance`` float32 ``[n, N]`` and
-``sample_index`` int64 ``[n]``, with one metadata entry ``shard``: JSON of ``ids`` (the n sample ids), ``skipped`` (ids of
-unreadable images left out with ``--skip-bad``) and ``content_sha256`` (sha256 of the ids and of
-the tensors' bytes). One entry, because safetensors writes several in a random order and shards
-must be byte-deterministic. Shards from before checksums hold ``ids`` alone. So a shard checks itself even before an index records it (a run
-interrupted and resumed elsewhere). The index records each file's sha256 and size
+``sample_index`` int64 ``[n]``, with one metadata entry ``shard``: JSON of ``ids`` (the n sample ids),
+``skipped`` (ids of unreadable images left out with ``--skip-bad``) and ``content_sha256`` (sha256 of the
+ids and of the tensors' bytes). One entry, because safetensors writes several in a random order and shards
+must be byte-deterministic. Shards from before checksums hold ``ids`` alone. So a shard checks itself even
+before an index records it (a run interrupted and resumed elsewhere). The index records each file's sha256 and size
 (:func:`shard_entry`); a file that matches its entry is the file that was written.
 """
 
@@ -133,7 +133,8 @@ def _check_structure(tensors: dict, ids: list, num_patches: int) -> None:
         if key not in tensors or tensors[key].dtype != dtype:
             raise CorruptShard(f"tensor {key!r} is missing or not {np.dtype(dtype).name}")
     n = len(tensors["sample_index"])
-    if tensors["rankings"].shape != (n, num_patches) or tensors["importance"].shape != (n, num_patches) or len(ids) != n:
+    shape = (n, num_patches)
+    if tensors["rankings"].shape != shape or tensors["importance"].shape != shape or len(ids) != n:
         raise CorruptShard(f"inconsistent shapes for {num_patches} patches and {n} images")
     if n and not (np.sort(tensors["rankings"], axis=1) == np.arange(num_patches)).all():
         raise CorruptShard("a ranking is not a permutation of the patches")

@@ -50,8 +50,7 @@ def export_text(loaded: LoadedModel, out: Path, tokens: Path | None = None, clas
     tokenizer = loaded.tokenizer()
     ctx, n_ctx = None, 0
     if tokens is not None:
-        from prtool.prompts import read_tokens
-        from prtool.tune import learner_classnames
+        from prtool.prompts import learner_classnames, read_tokens
 
         state, _ = read_tokens(tokens, loaded.model_id, allow_other_weights)
         ctx = state["ctx"]

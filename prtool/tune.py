@@ -23,7 +23,7 @@ from prtool.build import EncoderSpec, build_pruned_encoder
 from prtool.datasets import ImageDataset
 from prtool.models import LoadedModel
 from prtool.progress import progress_bar
-from prtool.prompts import PromptLearner, save_tokens
+from prtool.prompts import PromptLearner, learner_classnames, learner_synonyms, save_tokens
 from prtool.zeroshot import evaluate_embeddings
 
 log = logging.getLogger(__name__)
@@ -118,7 +118,8 @@ def tune_tokens(loaded: LoadedModel, train: ImageDataset, spec: EncoderSpec, cfg
                 step += 1
                 losses.append(loss.item())
                 correct += int((logits.argmax(1) == labels[idx]).sum())
-            history.append({"epoch": epoch + 1, "loss": float(np.mean(losses)), "train_acc": 100.0 * correct / len(train)})
+            history.append({"epoch": epoch + 1, "loss": float(np.mean(losses)),
+                            "train_acc": 100.0 * correct / len(train)})
             bar.update(1, info=f"loss {history[-1]['loss']:.3f} acc {history[-1]['train_acc']:.1f}")
     return learner.eval(), {"history": history}
 
@@ -172,7 +173,7 @@ def export_extras(loaded: LoadedModel, spec: EncoderSpec, tokens: Path | None, c
             with torch.no_grad():
                 out["class_embeds"] = learner.class_embeddings(classnames, synonyms=learner_synonyms(tokens))
         elif dataset is not None:
-            from prtool.evaluate import text_classifier
+            from prtool.zeroshot import text_classifier
 
             classnames = dataset.classnames
             out["class_embeds"] = text_classifier(loaded, dataset)
@@ -181,16 +182,3 @@ def export_extras(loaded: LoadedModel, spec: EncoderSpec, tokens: Path | None, c
             raise PrtoolError("--classifier needs class names: pass --tokens from `prtool tune` or --data")
         out["manifest"]["classnames"] = list(classnames)
     return out
-
-
-def learner_classnames(tokens: Path) -> list[str]:
-    import json
-
-    return json.loads(Path(tokens).with_suffix(".json").read_text())["classnames"]
-
-
-def learner_synonyms(tokens: Path) -> list[list[str]] | None:
-    """Names per class the tokens were tuned with (None for checkpoints written before synonyms)."""
-    import json
-
-    return json.loads(Path(tokens).with_suffix(".json").read_text()).get("class_synonyms")

@@ -32,6 +32,11 @@ def class_text_embeddings(model, tokenizer, class_prompts: list[list[str]], batc
     return torch.stack(rows)
 
 
+def text_classifier(loaded, dataset) -> torch.Tensor:
+    """``[C, E]`` class embeddings of a dataset's prompts (``dataset.class_prompts``) for a loaded model."""
+    return class_text_embeddings(loaded.model, loaded.tokenizer(), dataset.class_prompts)
+
+
 def topk_correct(logits: np.ndarray, labels: np.ndarray, ks=(1, 5)) -> dict[int, int]:
     order = np.argsort(-logits, axis=1, kind="stable")
     return {k: int((order[:, :k] == labels[:, None]).any(1).sum()) for k in ks if k <= logits.shape[1]}
@@ -76,7 +81,8 @@ def evaluate_embeddings(embed: Embedder, batches: Iterable, class_emb: torch.Ten
     return out
 
 
-def torch_embedder(module: torch.nn.Module, scores_for: Callable[[torch.Tensor, list], torch.Tensor] | None = None) -> Embedder:
+def torch_embedder(module: torch.nn.Module,
+                   scores_for: Callable[[torch.Tensor, list], torch.Tensor] | None = None) -> Embedder:
     """``module(pixels)``; with ``scores_for(pixels, rows)``, oracle patch scores are passed in too."""
 
     def embed(pixels: torch.Tensor, rows) -> np.ndarray:

@@ -74,7 +74,8 @@ def artifacts(tmp_path_factory) -> Artifacts:
                   root / "idx", root / "images")
     _ok("rank", *TINY, "-d", "testbed", "--split", "test", "--limit", "8", "--shard-size", "8", "--stride", "2",
         "-o", a.rankings, "-q")
-    _ok("train", "-r", a.rankings, *TINY, "-d", "testbed", "--split", "test", "--epochs", "1", "-o", a.predictor, "--json")
+    _ok("train", "-r", a.rankings, *TINY, "-d", "testbed", "--split", "test", "--epochs", "1", "-o", a.predictor,
+        "--json")
     _ok("tune", *TINY, "-d", "testbed", "--shots", "1", "--epochs", "1", "-s", "1:16", "--predictor", a.predictor,
         "--eval-split", "", "-o", a.tokens, "-q")
     _ok("export", *TINY, "-s", "1:16", "--predictor", a.predictor, "--no-validate", "-o", a.onnx, "-q")

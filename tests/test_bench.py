@@ -104,6 +104,7 @@ def test_ort_sessions_do_not_spin(tiny, tmp_path):
     from prtool.export import ExportOptions, export_onnx
     from prtool.runtime import ort_session
 
-    path = export_onnx(tiny, EncoderSpec(schedule_for(tiny, "none")), tmp_path / "m.onnx", ExportOptions(validate=False)).onnx_path
+    path = export_onnx(tiny, EncoderSpec(schedule_for(tiny, "none")), tmp_path / "m.onnx",
+                       ExportOptions(validate=False)).onnx_path
     opts = ort_session(path).get_session_options()
     assert opts.get_session_config_entry("session.intra_op.allow_spinning") == "0"

@@ -23,7 +23,8 @@ def test_front_keeps_only_undominated_points():
 
 
 def test_pareto_end_to_end_on_a_slice(capsys, tmp_path):
-    code, out, err = cli(capsys, "bench", "pareto", "-m", "testbed", "-p", "none", "--limit", "12", "--budgets", "4x118",
+    code, out, err = cli(capsys, "bench", "pareto", "-m", "testbed", "-p", "none", "--limit", "12",
+                         "--budgets", "4x118",
                          "--methods", "none,patch-ranking,patch-ranking-merge,tome,random-merge", "--batch", "2",
                          "--iters", "2", "--warmup", "1", "-o", tmp_path / "p", "--json", "-q")
     assert code == 0, err

@@ -115,7 +115,8 @@ def test_bad_checkpoints(capsys, tmp_path, tiny):
     for path, fragments in cases:
         code, err = _bad_export(capsys, tmp_path, "-m", "prtool-tiny", "-p", path)
         assert_user_error(code, err, str(path), *fragments)
-    code, stdout, err = cli(capsys, "export", "-m", "prtool-tiny", "-p", good, "--no-prune", "-o", tmp_path / "ok.onnx", "--json")
+    code, stdout, err = cli(capsys, "export", "-m", "prtool-tiny", "-p", good, "--no-prune", "-o", tmp_path / "ok.onnx",
+                            "--json")
     assert code == 0, err
     assert json.loads((tmp_path / "ok.json").read_text())["source"]["checkpoint_sha256"]
 

@@ -106,7 +106,8 @@ def reference(exports, images):
         pixels = load_image_batch(images, manifest["preprocess"]).numpy()
         sess = ort.InferenceSession(str(onnx), providers=["CPUExecutionProvider"])
         outs = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, {"pixel_values": pixels})))
-        refs[name] = {"pixels": pixels, "outputs": outs, "top1": top1(outs, classes), "classnames": manifest.get("classnames")}
+        refs[name] = {"pixels": pixels, "outputs": outs, "top1": top1(outs, classes),
+                      "classnames": manifest.get("classnames")}
     return refs, classes
 
 

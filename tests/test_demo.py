@@ -8,11 +8,13 @@ from conftest import cli
 def test_demo_reports_every_variant(capsys, tmp_path):
     from prtool.testbed import spec
 
-    code, out, err = cli(capsys, "demo", "--limit", "48", "--latency-batch", "4", "--latency-iters", "2", "-o", tmp_path / "demo", "--json", "-q")
+    code, out, err = cli(capsys, "demo", "--limit", "48", "--latency-batch", "4", "--latency-iters", "2", "-o",
+                         tmp_path / "demo", "--json", "-q")
     assert code == 0, err
     report = json.loads(out)
     rows = report["variants"]
-    expected = {"unpruned", "pruned", "patch-ranking", "evit", "tome"} | ({"pruned+tokens"} if spec.TOKENS_PATH.exists() else set())
+    expected = ({"unpruned", "pruned", "patch-ranking", "evit", "tome"}
+                | ({"pruned+tokens"} if spec.TOKENS_PATH.exists() else set()))
     assert set(rows) == expected
     assert all(r["validation_passed"] for r in rows.values())
     assert report["eval_images"] == 48 and all(r["accuracy"]["images"] == 48 for r in rows.values())

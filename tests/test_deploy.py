@@ -63,7 +63,8 @@ def vitb16(tmp_path):
 
 
 def test_fp16_config_and_trtexec_command_for_vit_b16(vitb16):
-    cfg = resolve_build_config(vitb16, "fp16", 1, 8, 32, timing_cache=Path("cache.bin"), workspace_mib=2048, trt_version=10)
+    cfg = resolve_build_config(vitb16, "fp16", 1, 8, 32, timing_cache=Path("cache.bin"), workspace_mib=2048,
+                               trt_version=10)
     assert cfg.profile.shapes() == {"min": (1, 3, 224, 224), "opt": (8, 3, 224, 224), "max": (32, 3, 224, 224)}
     assert cfg.enabled_types == ("FP16", "OBEY_PRECISION_CONSTRAINTS") and cfg.tf32 and cfg.fp32_norm
     assert cfg.fp32_layer_patterns == ("*/LayerNormalization", "*/attn/Softmax")
@@ -145,13 +146,15 @@ def test_layer_patterns_select_exactly_layernorm_and_softmax(tiny, tmp_path, exp
 
 
 def test_dry_run_cli_with_recipe(capsys, vitb16, tmp_path):
-    code, out, err = cli(capsys, "build", vitb16, "--recipe", RECIPES / "vit-b-16-4x20-fp16.toml", "--dry-run", "--json",
+    code, out, err = cli(capsys, "build", vitb16, "--recipe", RECIPES / "vit-b-16-4x20-fp16.toml", "--dry-run",
+                         "--json",
                          "--trt-version", "10")
     assert code == 0, err
     res = json.loads(out)
     assert res["dry_run"] and res["engine"] == "runs/vit-b-16-4x20/model.plan"
     assert res["config"]["precision"] == "fp16" and res["config"]["profile"]["max"] == [32, 3, 224, 224]
-    assert "--fp16" in res["trtexec_argv"] and "--timingCacheFile=runs/timing-cache/vit-b-16.cache" in res["trtexec_argv"]
+    assert "--fp16" in res["trtexec_argv"]
+    assert "--timingCacheFile=runs/timing-cache/vit-b-16.cache" in res["trtexec_argv"]
     assert res["tensorrt_readiness"]["ready"]
     code, out, _ = cli(capsys, "build", vitb16, "--dry-run", "-q")
     assert code == 0 and out.strip().startswith("trtexec --onnx=") and out.count("\n") == 1
@@ -161,7 +164,8 @@ def test_dry_run_cli_with_recipe(capsys, vitb16, tmp_path):
 
 
 def test_explicit_flags_beat_the_recipe(capsys, vitb16, tmp_path):
-    code, out, err = cli(capsys, "build", vitb16, "--recipe", RECIPES / "vit-b-16-4x20-fp16.toml", "--dry-run", "--json",
+    code, out, err = cli(capsys, "build", vitb16, "--recipe", RECIPES / "vit-b-16-4x20-fp16.toml", "--dry-run",
+                         "--json",
                          "--precision", "fp32", "--max-batch", "64", "-o", tmp_path / "x.plan")
     assert code == 0, err
     res = json.loads(out)
@@ -284,7 +288,8 @@ def test_mismatched_engine_is_refused_naming_both_systems():
         check_engine_compatible(built, _fake_runtime(trt="10.7.0"), "m.plan")
     msg = str(exc.value)
     assert "TensorRT 10.3.0 on NVIDIA L4" in msg and "TensorRT 10.7.0 on NVIDIA L4" in msg and "prtool build" in msg
-    assert engine_mismatches(built, _fake_runtime(name="NVIDIA L4 (other)")) == ["GPU 'NVIDIA L4' != 'NVIDIA L4 (other)'"]
+    other = _fake_runtime(name="NVIDIA L4 (other)")
+    assert engine_mismatches(built, other) == ["GPU 'NVIDIA L4' != 'NVIDIA L4 (other)'"]
 
 
 class FakeSession:
@@ -300,7 +305,8 @@ def test_provider_fallback_is_detected():
         check_providers("cuda", FakeSession(["CPUExecutionProvider"]))
     with pytest.raises(PrtoolError, match="fell back from TensorrtExecutionProvider"):
         check_providers("tensorrt", FakeSession(["CUDAExecutionProvider", "CPUExecutionProvider"]))
-    assert check_providers("cuda", FakeSession(["CUDAExecutionProvider", "CPUExecutionProvider"]))[0] == "CUDAExecutionProvider"
+    session = FakeSession(["CUDAExecutionProvider", "CPUExecutionProvider"])
+    assert check_providers("cuda", session)[0] == "CUDAExecutionProvider"
     assert check_providers("cpu", FakeSession(["CPUExecutionProvider"])) == ["CPUExecutionProvider"]
 
 

@@ -33,7 +33,8 @@ def test_compat_matrix_on_the_tiny_model(tiny, tmp_path):
 
 def test_a_crashing_runtime_marks_its_cell(tmp_path):
     np.save(tmp_path / "pixels.npy", np.zeros((1, 3, 4, 4), np.float32))
-    status, detail = compat.run_isolated("onnxruntime-cpu", tmp_path / "missing.onnx", tmp_path / "pixels.npy", tmp_path)
+    status, detail = compat.run_isolated("onnxruntime-cpu", tmp_path / "missing.onnx", tmp_path / "pixels.npy",
+                                         tmp_path)
     assert status == "error" and "missing.onnx" in detail
     status, detail = compat.run_isolated("opencv-dnn", tmp_path / "x.onnx", tmp_path / "nothing.npy", tmp_path)
     assert status == "error" and "nothing.npy" in detail

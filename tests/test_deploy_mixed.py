@@ -18,7 +18,8 @@ from prtool.validate import MIXED_TOLERANCES
 def test_plan_keeps_the_scores_and_the_index_path_in_fp32(exported):
     model = onnx.load(str(exported[0]))
     scores = scoring_nodes(model)
-    predictor_ops = {n.name for n in model.graph.node if n.name.startswith("/scorer/predictor/") and n.op_type != "Constant"}
+    predictor_ops = {n.name for n in model.graph.node if n.name.startswith("/scorer/predictor/")
+                     and n.op_type != "Constant"}
     assert predictor_ops and predictor_ops <= set(scores)
     inits = {t.name for t in model.graph.initializer}
     by_name = {n.name: n for n in model.graph.node}
@@ -86,13 +87,15 @@ def test_validate_uses_the_fp16_preset_for_a_mixed_export(checkpoint, mixed):
 
     res = validate_artifact(mixed[0], pretrained=str(checkpoint))
     assert res["passed"], res["validation"]["checks"]
-    assert res["precision"] == "fp16" and res["validation"]["tolerances"]["min_cosine"] == PRECISION_TOLERANCES["fp16"].min_cosine
+    assert res["precision"] == "fp16"
+    assert res["validation"]["tolerances"]["min_cosine"] == PRECISION_TOLERANCES["fp16"].min_cosine
 
 
 def test_cli_writes_the_mixed_onnx_only_where_a_major_builds_from_it(capsys, exported, tmp_path):
     pytest.importorskip("modelopt.onnx.autocast")
     out = tmp_path / "e.plan"
-    code, stdout, err = cli(capsys, "build", exported[0], "-o", out, "--trt-version", "11", "--mixed-onnx-only", "--json")
+    code, stdout, err = cli(capsys, "build", exported[0], "-o", out, "--trt-version", "11", "--mixed-onnx-only",
+                            "--json")
     assert code == 0, err
     res = json.loads(stdout)
     assert res["mixed_onnx"] == str(tmp_path / "e.fp16.onnx") and (tmp_path / "e.fp16.json").exists()

@@ -37,7 +37,8 @@ def test_rebuild_refuses_what_it_cannot_rebuild(exported, checkpoint, tiny, tmp_
     with pytest.raises(PrtoolError, match="sha256 .* but the export was made from tiny.safetensors"):
         rebuild_encoder(manifest, str(other))
     random = {**manifest, "source": {"model": "prtool-tiny", "pretrained": "none", "checkpoint_sha256": None}}
-    with pytest.raises(PrtoolError, match="made for prtool-tiny / tiny.safetensors .*, but the model is prtool-tiny / none"):
+    with pytest.raises(PrtoolError,
+                       match="made for prtool-tiny / tiny.safetensors .*, but the model is prtool-tiny / none"):
         rebuild_encoder(random)  # seeded random weights rebuild; the predictor trained on the checkpoint does not fit
     untrained = {**manifest, "predictor": None}
     with pytest.raises(PrtoolError, match="untrained"):

@@ -41,7 +41,8 @@ def test_dry_listing_counts_what_travels(tmp_path):
 
 
 def test_a_step_past_its_time_box_is_killed_with_its_children(tmp_path):
-    child = "import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)']); time.sleep(60)"
+    child = ("import subprocess, sys, time; "
+             "subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)']); time.sleep(60)")
     step = {"name": "sleepy", "argv": [sys.executable, "-c", child], "timeout": 1}
     t0 = time.perf_counter()
     with open(tmp_path / "log", "w") as log:

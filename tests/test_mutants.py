@@ -43,7 +43,8 @@ def test_tokens_per_block_with_visual_tokens(tiny, tiny_pixels, prompts):
     of the first stage's ranking and never cut into the protected tokens."""
     enc = _pruned(tiny, prompts=prompts)
     seen: list[torch.Tensor] = []
-    hooks = [b.register_forward_pre_hook(lambda m, args: seen.append(args[0].detach())) for b in enc.transformer.resblocks]
+    hooks = [b.register_forward_pre_hook(lambda m, args: seen.append(args[0].detach()))
+             for b in enc.transformer.resblocks]
     try:
         with torch.no_grad():
             enc(tiny_pixels[:2])

@@ -75,7 +75,8 @@ def test_config_mismatch_is_refused(tiny, folder, tmp_path):
     with pytest.raises(PrtoolError, match="another configuration.*stride"):
         rank_dataset(tiny, ds.limit(2), tmp_path / "s", RankConfig(1, stride=1), shard_size=2, quiet=True)
     with pytest.raises(PrtoolError, match="another configuration.*dataset_fingerprint"):
-        rank_dataset(tiny, ds.limit(3).subset([0, 2]), tmp_path / "s", RankConfig(1, stride=2), shard_size=2, quiet=True)
+        rank_dataset(tiny, ds.limit(3).subset([0, 2]), tmp_path / "s", RankConfig(1, stride=2), shard_size=2,
+                     quiet=True)
 
 
 def _store_bytes(path: Path) -> dict:

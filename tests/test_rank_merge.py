@@ -18,7 +18,8 @@ def test_nothing_removed_equals_unpruned(tiny, tiny_pixels):
         assert (enc(tiny_pixels) - tiny.visual(tiny_pixels)).abs().max() <= 1e-5
 
 
-@pytest.mark.parametrize("design", [{}, {"target": "tokens"}, {"target": "keys"}, {"target": "tokens", "merge_op": "scatter"}])
+@pytest.mark.parametrize("design", [{}, {"target": "tokens"}, {"target": "keys"},
+                                    {"target": "tokens", "merge_op": "scatter"}])
 def test_sizes_sum_to_n_plus_one_and_prefix_never_merges(tiny, tiny_pixels, design):
     enc, _ = build_pruned_encoder(tiny, EncoderSpec(schedule_for(tiny, "1:16,2:16"), "cls-attn-merge", merge=design))
     with torch.no_grad():

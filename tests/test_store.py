@@ -144,7 +144,8 @@ def test_a_second_rank_on_a_busy_store_refuses_in_one_line(folder, tmp_path):
     held = StoreLock(tmp_path / "s")
     (tmp_path / "s").mkdir()
     with held:
-        res = run_cli(*_cli_rank_args(folder, "--stride", "2", "--shard-size", "4"), "-o", tmp_path / "s", env=ONE_THREAD)
+        res = run_cli(*_cli_rank_args(folder, "--stride", "2", "--shard-size", "4"), "-o", tmp_path / "s",
+                      env=ONE_THREAD)
     assert res.returncode == 1 and res.stdout == "" and len(res.stderr.strip().splitlines()) == 1
     assert f"(pid {os.getpid()} on " in res.stderr and not list((tmp_path / "s").glob("shard-*"))
 
@@ -206,7 +207,8 @@ def test_an_image_that_breaks_during_the_run_keeps_finished_shards(tiny, tmp_pat
     monkeypatch.setattr("prtool.rank_store.unreadable_images", lambda ds, rows: [])  # it decoded before the run
     with pytest.raises(PrtoolError, match="003.png cannot be decoded .*--skip-bad.*finished shards are kept"):
         _rank(tiny, data, tmp_path / "s")
-    assert sorted(p.name for p in (tmp_path / "s").glob("shard-*")) == ["shard-00000.safetensors", "shard-00001.safetensors"]
+    assert sorted(p.name for p in (tmp_path / "s").glob("shard-*")) == ["shard-00000.safetensors",
+                                                                        "shard-00001.safetensors"]
 
 
 def _downgrade_to_version_1(out):

@@ -135,8 +135,12 @@ def _write_idx(folder, split, images, labels):
 
     img_name, lab_name = tbdata._IDX_FILES[split]
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / f"{img_name}.gz").write_bytes(gzip.compress(bytes([0, 0, 8, 3]) + struct.pack(">III", *images.shape) + images.tobytes()))
-    (folder / f"{lab_name}.gz").write_bytes(gzip.compress(bytes([0, 0, 8, 1]) + struct.pack(">I", len(labels)) + labels.tobytes()))
+    (folder / f"{img_name}.gz").write_bytes(gzip.compress(bytes([0, 0, 8, 3]) + struct.pack(">III",
+                                                                                            *images.shape)
+                                                                                                + images.tobytes()))
+    (folder / f"{lab_name}.gz").write_bytes(gzip.compress(bytes([0, 0, 8, 1]) + struct.pack(">I",
+                                                                                            len(labels))
+                                                                                                + labels.tobytes()))
 
 
 def test_training_writes_checkpoint_and_log_and_resumes(tmp_path):

@@ -103,7 +103,8 @@ def fake_tensorrt(version="11.4.0.106", calls=None, *, plugins=True, cache_ok=Tr
                   engine_ok=True, input_dtype="float32", shape_ok=True):
     """A ``tensorrt`` module with the calls prtool makes; ``calls`` records them in order."""
     calls = [] if calls is None else calls
-    flags = ["TF32", "DEBUG"] + (["FP16", "BF16", "INT8", "OBEY_PRECISION_CONSTRAINTS"] if version.startswith("10") else [])
+    flags = ["TF32", "DEBUG"] + (["FP16", "BF16", "INT8", "OBEY_PRECISION_CONSTRAINTS"] if version.startswith("10")
+                                 else [])
     t = types.SimpleNamespace(__version__=version, float32="float32", float16="float16", bfloat16="bfloat16",
                               int32="int32", int64="int64", bool="bool", int8="int8")
     t.BuilderFlag = _Flags(**{f: f for f in flags})
@@ -266,7 +267,8 @@ def test_build_on_10_weakly_typed_sets_its_flags(fake_trt, vitb16, tmp_path):
 def test_build_error_paths_are_one_line_errors(fake_trt, vitb16, tmp_path, kwargs, fragment):
     fake_trt(**kwargs)
     with pytest.raises(PrtoolError, match=fragment):
-        trt_mod.build_engine(resolve_build_config(vitb16, "fp32", timing_cache=tmp_path / "t.cache"), tmp_path / "m.plan")
+        trt_mod.build_engine(resolve_build_config(vitb16, "fp32", timing_cache=tmp_path / "t.cache"),
+                             tmp_path / "m.plan")
     assert not (tmp_path / "m.plan").exists()
 
 

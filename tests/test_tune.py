@@ -40,7 +40,8 @@ def data(tmp_path_factory):
 
 def _tune(tiny, data, mode="both", n_ctx=2, sched="1:32"):
     spec = EncoderSpec(schedule_for(tiny, sched), "cls-attn")
-    learner, metrics = tune_tokens(tiny, few_shot(data, 2), spec, TuneConfig(n_ctx=n_ctx, mode=mode, epochs=2, batch_size=2),
+    learner, metrics = tune_tokens(tiny, few_shot(data, 2), spec,
+                                   TuneConfig(n_ctx=n_ctx, mode=mode, epochs=2, batch_size=2),
                                    quiet=True)
     return spec, learner, metrics
 
@@ -108,7 +109,8 @@ def test_tuned_export_with_classifier_matches_pytorch(tiny, data, tmp_path):
     assert res.report.passed, res.report.failure_summary()
     assert res.report.metrics["logits @ batch 7"]["max_abs"] <= 1e-4
     man = json.loads(res.manifest_path.read_text())
-    assert man["classnames"] == ["blue", "red"] and man["tokens"]["visual_tokens"] == 2 and man["num_prefix_tokens"] == 3
+    assert man["classnames"] == ["blue",
+                                 "red"] and man["tokens"]["visual_tokens"] == 2 and man["num_prefix_tokens"] == 3
     assert [o["name"] for o in man["outputs"]] == ["image_embeds", "logits"]
     # the export's top-1 equals PyTorch's
     sess = ort_session(res.onnx_path)
@@ -157,7 +159,8 @@ def test_tokens_tuned_behind_another_ranking_are_refused(tiny, data, tmp_path):
 
     meta["predictor_sha256"] = sha256_file(pred)  # the same predictor file: accepted
     tokens.with_suffix(".json").write_text(json.dumps(meta))
-    assert export_extras(tiny, EncoderSpec(schedule_for(tiny, "1:32"), "predictor", pred), tokens, classifier=False)["manifest"]["tokens"]
+    assert export_extras(tiny, EncoderSpec(schedule_for(tiny, "1:32"), "predictor", pred), tokens,
+                         classifier=False)["manifest"]["tokens"]
 
 
 def test_export_text_with_learned_context(tiny, data, tmp_path):

@@ -43,7 +43,8 @@ def test_train_prints_a_table_into_a_folder_that_does_not_exist_yet(artifacts, t
 
 # 2. every command checks its output path before any work: the bad model name is never reached
 @pytest.mark.parametrize("args", [
-    ["export", "-o", "{blocked}/m.onnx"], ["rank", "-o", "{blocked}/rk"], ["train", "-r", "x", "-o", "{blocked}/p.safetensors"],
+    ["export", "-o", "{blocked}/m.onnx"], ["rank", "-o", "{blocked}/rk"],
+    ["train", "-r", "x", "-o", "{blocked}/p.safetensors"],
     ["show", "-o", "{blocked}/s.png"], ["tune", "-o", "{blocked}/t.safetensors"],
     ["export-text", "-o", "{blocked}/t.onnx"], ["bench", "accuracy", "-s", "1:8", "-o", "{blocked}/b"],
     ["bench", "speed", "-o", "{blocked}/b"], ["bench", "prompts", "-o", "{blocked}/b"], ["demo", "-o", "{blocked}/d"],
@@ -85,8 +86,10 @@ def test_split_folders_are_splits(tmp_path):
 
 
 @pytest.mark.parametrize("command", [
-    ["eval"], ["rank", "-o", "{tmp}/rk", "--stride", "2"], ["tune", "--shots", "1", "--epochs", "1", "--scorer", "cls-attn",
-                                                            "-s", "1:16", "-o", "{tmp}/t.safetensors", "--eval-split", ""],
+    ["eval"], ["rank", "-o", "{tmp}/rk", "--stride", "2"],
+    ["tune", "--shots", "1", "--epochs", "1", "--scorer", "cls-attn",
+                                                            "-s", "1:16", "-o", "{tmp}/t.safetensors", "--eval-split",
+                                                            ""],
 ], ids=lambda c: c[0])
 def test_a_flat_class_folder_tree_says_it_has_no_splits(tmp_path, command):
     data = tmp_path / "data"
@@ -131,7 +134,8 @@ def test_the_testbed_defaults_to_its_shipped_predictor(tmp_path):
 def test_weights_provenance_of_predictor_and_tokens(artifacts, checkpoint, tmp_path):  # noqa: F811
     out = tmp_path / "m.onnx"
     line = _error_line(*run("export", "-m", "prtool-tiny", "-p", checkpoint, *S, "--predictor", artifacts.predictor,
-                            "-o", out), "made for prtool-tiny / none", "but the model is prtool-tiny / tiny.safetensors",
+                            "-o", out), "made for prtool-tiny / none",
+                            "but the model is prtool-tiny / tiny.safetensors",
                        "--allow-other-weights")
     assert "sha256" in line
     code, _, err = run("export", "-m", "prtool-tiny", "-p", checkpoint, *S, "--predictor", artifacts.predictor,
@@ -189,14 +193,16 @@ def test_random_weights_and_an_untrained_predictor_validate(tmp_path):
 
 # 8. Phase-III exports validate: the classifier head and the baked-in tokens are rebuilt from the manifest
 def test_classifier_and_tokens_exports_validate(artifacts, tmp_path):  # noqa: F811
-    for name, extra in (("c", ["--classifier", "-d", "testbed"]), ("t", ["--tokens", artifacts.tokens, "--classifier"])):
+    for name, extra in (("c", ["--classifier", "-d", "testbed"]),
+                        ("t", ["--tokens", artifacts.tokens, "--classifier"])):
         out = tmp_path / f"{name}.onnx"
         code, _, err = run("export", *TINY, *S, "--predictor", artifacts.predictor, *extra, "-o", out, "-q")
         assert code == 0, err
         code, stdout, err = run("validate", out, "-b", "2", "--json")
         res = json.loads(stdout)
         assert code == 0 and res["passed"], err
-        assert "logits @ batch 2" in res["validation"]["metrics"] and "image_embeds @ batch 2" in res["validation"]["metrics"]
+        metrics = res["validation"]["metrics"]
+        assert "logits @ batch 2" in metrics and "image_embeds @ batch 2" in metrics
 
 
 # 9. messages and output
@@ -215,7 +221,8 @@ def test_inspect_refuses_an_empty_file(tmp_path):
 
 
 def test_export_json_prints_the_failed_validation(tmp_path):
-    code, out, err = run("export", *TINY, "--no-prune", "--atol", "0", "--rtol", "0", "-o", tmp_path / "m.onnx", "--json")
+    code, out, err = run("export", *TINY, "--no-prune", "--atol", "0", "--rtol", "0", "-o", tmp_path / "m.onnx",
+                         "--json")
     res = json.loads(out)
     assert code == 2 and res["passed"] is False and res["validation"]["checks"]
     assert err.strip().splitlines()[-1].startswith("prtool: error: validation of the export failed")

@@ -15,19 +15,23 @@ app = typer.Typer(help="Benchmarks: accuracy of pruning methods at equal cost.",
 
 @app.command("accuracy")
 def accuracy(
-    out: Annotated[Path, typer.Option("--out", "-o", help="Report folder (JSON, markdown, plot).")] = Path("runs/bench-accuracy"),
+    out: Annotated[Path, typer.Option("--out", "-o",
+                                      help="Report folder (JSON, markdown, plot).")] = Path("runs/bench-accuracy"),
     model: o.Model = "testbed",
     pretrained: o.Pretrained = None,
     data: o.Data = "testbed",
     split: o.Split = "test",
     image_root: o.ImageRoot = None,
     schedule: Annotated[list[str] | None, typer.Option("--schedule", "-s", help="A schedule (repeatable).")] = None,
-    keep_ratios: Annotated[str | None, typer.Option("--keep-ratios", help="Comma-separated keep ratios, each with --stages/--first-block.")] = None,
+    keep_ratios: Annotated[str | None, typer.Option("--keep-ratios",
+                                                    help="Comma-separated keep ratios, each with "
+                                                         "--stages/--first-block.")] = None,
     stages: o.Stages = 1,
     first_block: o.FirstBlock = None,
     methods: Annotated[str, typer.Option("--methods", help="Comma-separated: none, patch-ranking, golden, random, cls-attn, evit, tome, brightness, patch-ranking-merge, golden-merge, random-merge, cls-attn-merge.")] = "none,patch-ranking,random,cls-attn,evit,tome",
     predictor: o.PredictorPath = None,
-    rankings: Annotated[Path | None, typer.Option("--rankings", "-r", help="Rankings store of the evaluated split (for golden).")] = None,
+    rankings: Annotated[Path | None, typer.Option("--rankings", "-r",
+                                                  help="Rankings store of the evaluated split (for golden).")] = None,
     seeds: Annotated[str, typer.Option("--seeds", help="Seeds for random (comma-separated).")] = "0,1,2",
     limit: o.Limit = None,
     batch_size: o.BatchSize = 64,
@@ -73,7 +77,8 @@ def accuracy(
 
 def _accuracy_table(r: dict, out: Path) -> None:
     """The accuracy rows in 100 columns (the full table, with top-5 and paired errors, is in accuracy.md)."""
-    rows = [(x["method"], x["schedule"], f"{x['top1']:.2f}" + (f" ±{x['top1_stderr']:.2f}" if x.get("top1_stderr") is not None else ""),
+    rows = [(x["method"], x["schedule"], f"{x['top1']:.2f}" + (f" ±{x['top1_stderr']:.2f}"
+                                                               if x.get("top1_stderr") is not None else ""),
              x["mean_cosine"], x["top1_agreement"], x["gflops"],
              f"{x['paired_diff']:+.2f} ±{x['paired_se']:.2f}" if x.get("paired_vs") else None) for x in r["rows"]]
     table(f"zero-shot on {r['dataset']}/{r['split']} ({r['images']} images)",
@@ -83,7 +88,8 @@ def _accuracy_table(r: dict, out: Path) -> None:
 
 @app.command("speed")
 def speed(
-    out: Annotated[Path, typer.Option("--out", "-o", help="Report folder (JSON, markdown, plot).")] = Path("runs/bench-speed"),
+    out: Annotated[Path, typer.Option("--out", "-o",
+                                      help="Report folder (JSON, markdown, plot).")] = Path("runs/bench-speed"),
     model: o.Model = "testbed",
     pretrained: o.Pretrained = None,
     schedule: o.Schedule = None,
@@ -97,8 +103,12 @@ def speed(
     warmup: Annotated[int, typer.Option("--warmup")] = 3,
     iters: Annotated[int, typer.Option("--iters", help="Timed interleaved iterations (>= 20 recommended).")] = 20,
     device: o.Device = "auto",
-    precision: Annotated[str | None, typer.Option("--precision", help="fp32, fp16 or bf16: the torch backend's autocast (default fp32) and TensorRT's build (default fp16).")] = None,
-    cuda_graphs: Annotated[bool, typer.Option("--cuda-graphs", help="Torch backend on CUDA: replay each variant as a captured CUDA graph.")] = False,
+    precision: Annotated[str | None, typer.Option("--precision",
+                                                  help="fp32, fp16 or bf16: the torch backend's autocast (default "
+                                                       "fp32) and TensorRT's build (default fp16).")] = None,
+    cuda_graphs: Annotated[bool, typer.Option("--cuda-graphs",
+                                              help="Torch backend on CUDA: replay each variant as a captured CUDA "
+                                                   "graph.")] = False,
     as_json: o.Json = False,
     quiet: o.Quiet = False,
     verbose: o.Verbose = False,
@@ -145,7 +155,8 @@ def prompts(
     scorer: o.Scorer = "predictor",
     predictor: o.PredictorPath = None,
     shots: Annotated[int, typer.Option("--shots")] = 16,
-    n_ctx: Annotated[int | None, typer.Option("--n-ctx", help="Default: 16, or what the text context has room for.")] = None,
+    n_ctx: Annotated[int | None, typer.Option("--n-ctx",
+                                              help="Default: 16, or what the text context has room for.")] = None,
     epochs: Annotated[int, typer.Option("--epochs")] = 30,
     lr: Annotated[float, typer.Option("--lr", help="SGD learning rate of the tuned tokens.")] = 0.002,
     kg_weight: Annotated[float, typer.Option("--kg-weight", help="KgCoOp's lambda (0 = plain CoOp).")] = 8.0,
@@ -174,7 +185,8 @@ def prompts(
     train = load_dataset(data, train_split, image_root)
     n_ctx = resolve_n_ctx(n_ctx, loaded.model, loaded.tokenizer(), train.class_synonyms)
     cfg = TuneConfig(n_ctx=n_ctx, shots=shots, epochs=epochs, lr=lr, seed=seed, kg_weight=kg_weight)
-    result = bench_prompts(loaded, train, load_dataset(data, test_split, image_root).limit(limit), sched, scorer, predictor, cfg)
+    result = bench_prompts(loaded, train, load_dataset(data, test_split, image_root).limit(limit), sched, scorer,
+                           predictor, cfg)
     result["tune_config"] = {"n_ctx": n_ctx, "shots": shots, "epochs": epochs, "seed": seed, "lr": cfg.lr,
                              "batch_size": cfg.batch_size, "kg_weight": kg_weight, "init": cfg.init}
     result["environment"] = collect_env()
@@ -187,28 +199,34 @@ def prompts(
 
 @app.command("pareto")
 def pareto(
-    out: Annotated[Path, typer.Option("--out", "-o", help="Report folder (JSON, markdown, plot).")] = Path("runs/bench-pareto"),
+    out: Annotated[Path, typer.Option("--out", "-o",
+                                      help="Report folder (JSON, markdown, plot).")] = Path("runs/bench-pareto"),
     model: o.Model = "testbed",
     pretrained: o.Pretrained = None,
     data: o.Data = "testbed",
     split: o.Split = "test",
     image_root: o.ImageRoot = None,
-    budgets: Annotated[str, typer.Option("--budgets", help="Comma-separated STAGESxKEEP (patches kept, or a % of them).")] = "4x136,4x118,4x96,4x76,4x56,1x60%,1x50%",
+    budgets: Annotated[str, typer.Option("--budgets", help="Comma-separated STAGESxKEEP (patches kept, or a % "
+                                         "of them).")] = "4x136,4x118,4x96,4x76,4x56,1x60%,1x50%",
     first_block: o.FirstBlock = None,
     methods: Annotated[str, typer.Option("--methods", help="Comma-separated: none, patch-ranking, patch-ranking-merge, tome, evit, random-merge, golden-merge, cls-attn-merge, cls-attn.")] = "none,patch-ranking,patch-ranking-merge,tome,evit,random-merge",
     predictor: o.PredictorPath = None,
-    rankings: Annotated[Path | None, typer.Option("--rankings", "-r", help="Rankings store of the evaluated split (for golden-merge).")] = None,
+    rankings: Annotated[Path | None, typer.Option("--rankings", "-r", help="Rankings store of the evaluated "
+                                                  "split (for golden-merge).")] = None,
     seeds: Annotated[str, typer.Option("--seeds", help="Seeds for random-merge (comma-separated).")] = "0",
     limit: o.Limit = None,
     batch: Annotated[int, typer.Option("--batch", help="Batch size of the latency runs.")] = 32,
     warmup: Annotated[int, typer.Option("--warmup")] = 3,
     iters: Annotated[int, typer.Option("--iters", help="Timed interleaved iterations (>= 20 recommended).")] = 20,
-    combine: Annotated[str | None, typer.Option("--combine", help="Comma-separated pareto.json files of earlier runs (e.g. one per budget): report them as one, measuring nothing.")] = None,
+    combine: Annotated[str | None, typer.Option("--combine",
+                                                help="Comma-separated pareto.json files of earlier runs (e.g. one per "
+                                                     "budget): report them as one, measuring nothing.")] = None,
     as_json: o.Json = False,
     quiet: o.Quiet = False,
     verbose: o.Verbose = False,
 ):
-    """Top-1 (from the ONNX exports) vs measured speedup of each method over a grid of budgets, with the Pareto front."""
+    """Top-1 (from the ONNX exports) vs measured speedup of each method over a grid of budgets, with the Pareto
+    front."""
     setup(quiet, verbose)
     check_output(out, "dir")
     check_inputs(predictor)

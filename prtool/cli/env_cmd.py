@@ -13,5 +13,6 @@ def env(as_json: o.Json = False, quiet: o.Quiet = False, verbose: o.Verbose = Fa
 
     info = collect_env()
     emit(info, as_json, lambda i: table("prtool env", ["item", "value"],
-                                        [(k, ", ".join(v) if isinstance(v, list) else ("not installed" if v is None else v))
+                                        [(k, ", ".join(v) if isinstance(v, list)
+                                          else ("not installed" if v is None else v))
                                          for k, v in i.items()]))

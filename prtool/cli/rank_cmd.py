@@ -14,25 +14,36 @@ Rankings = Annotated[Path, typer.Option("--rankings", "-r", help="A rankings sto
 
 
 def rank(
-    out: Annotated[Path, typer.Option("--out", "-o", help="Store directory (resumes if it exists with the same options).")],
+    out: Annotated[Path, typer.Option("--out", "-o",
+                                      help="Store directory (resumes if it exists with the same options).")],
     model: o.Model = "testbed",
     pretrained: o.Pretrained = None,
     data: o.Data = "testbed",
     split: Annotated[str, typer.Option("--split", help="train, val or test.")] = "train",
     image_root: o.ImageRoot = None,
-    score: Annotated[str, typer.Option("--score", help="preservation (no labels needed), label or confidence.")] = "preservation",
-    block_size: Annotated[int, typer.Option("--block-size", help="Side r of the r x r window of patches removed per variant.")] = 2,
+    score: Annotated[str, typer.Option("--score",
+                                       help="preservation (no labels needed), label or confidence.")] = "preservation",
+    block_size: Annotated[int, typer.Option("--block-size",
+                                            help="Side r of the r x r window of patches removed per variant.")] = 2,
     stride: Annotated[int, typer.Option("--stride", help="Window stride (1: sliding, r: non-overlapping).")] = 1,
-    rank_block: Annotated[int | None, typer.Option("--rank-block", help="Block whose input is ranked (default: the default schedule's first stage).")] = None,
+    rank_block: Annotated[int | None, typer.Option("--rank-block",
+                                                   help="Block whose input is ranked (default: the default schedule's "
+                                                        "first stage).")] = None,
     iters: Annotated[int, typer.Option("--iters", help="Greedy refinement iterations (1 = none).")] = 1,
-    drop_per_iter: Annotated[int, typer.Option("--drop-per-iter", help="Tokens dropped per refinement iteration (0 = N / (2 iters)).")] = 0,
+    drop_per_iter: Annotated[int, typer.Option("--drop-per-iter", help="Tokens dropped per refinement iteration "
+                                               "(0 = N / (2 iters)).")] = 0,
     batch_size: o.BatchSize = 64,
-    shard_size: Annotated[int | None, typer.Option("--shard-size", min=1, help="Images per shard, the unit of resumption (default: the store's, else a few minutes of work on 2 CPU cores).")] = None,
+    shard_size: Annotated[int | None, typer.Option("--shard-size", min=1,
+                                                   help="Images per shard, the unit of resumption (default: the "
+                                                        "store's, else a few minutes of work on 2 CPU cores).")] = None,
     limit: o.Limit = None,
     shots: o.Shots = None,
     seed: o.Seed = 0,
-    skip_bad: Annotated[bool, typer.Option("--skip-bad", help="Leave out unreadable images (listed in index.json) instead of failing; resumes a store made without it.")] = False,
-    one_variant_at_a_time: Annotated[bool, typer.Option("--unbatched", help="Run variants one by one (benchmark reference).")] = False,
+    skip_bad: Annotated[bool, typer.Option("--skip-bad",
+                                           help="Leave out unreadable images (listed in index.json) instead of "
+                                                "failing; resumes a store made without it.")] = False,
+    one_variant_at_a_time: Annotated[bool, typer.Option("--unbatched",
+                                                        help="Run variants one by one (benchmark reference).")] = False,
     device: o.Device = "auto",
     as_json: o.Json = False,
     quiet: o.Quiet = False,
@@ -54,7 +65,8 @@ def rank(
     dataset = (few_shot(dataset, shots, seed) if shots else dataset).limit(limit)
     cfg = RankConfig(rank_block if rank_block is not None else default_rank_block(loaded), score, block_size, stride,
                      iters, drop_per_iter, batch_size)
-    result = rank_dataset(loaded, dataset, out, cfg, shard_size, skip_bad, batched=not one_variant_at_a_time, quiet=quiet,
+    result = rank_dataset(loaded, dataset, out, cfg, shard_size, skip_bad, batched=not one_variant_at_a_time,
+                          quiet=quiet,
                           command=rank_command(sys.argv[1:]), device=device)
     if result["rank"] != 0:
         return
@@ -68,7 +80,8 @@ def rank(
 
 def train(
     rankings: Rankings,
-    out: Annotated[Path, typer.Option("--out", "-o", help="Predictor checkpoint (.safetensors; config .json beside it).")] = Path("runs/predictor.safetensors"),
+    out: Annotated[Path, typer.Option("--out", "-o", help="Predictor checkpoint (.safetensors; config .json "
+                                      "beside it).")] = Path("runs/predictor.safetensors"),
     model: o.Model = "testbed",
     pretrained: o.Pretrained = None,
     data: o.Data = "testbed",
@@ -80,7 +93,8 @@ def train(
     weight_decay: Annotated[float, typer.Option("--weight-decay")] = 1e-4,
     tau: Annotated[float, typer.Option("--tau", help="ListNet target temperature on z-scored importance.")] = 0.5,
     val_fraction: Annotated[float, typer.Option("--val-fraction")] = 0.1,
-    k_final: Annotated[int | None, typer.Option("--k-final", help="K for match@K besides 100 (default: 60% of N).")] = None,
+    k_final: Annotated[int | None, typer.Option("--k-final",
+                                                help="K for match@K besides 100 (default: 60% of N).")] = None,
     seed: o.Seed = 0,
     device: o.Device = "auto",
     as_json: o.Json = False,
@@ -115,7 +129,8 @@ def show(
     data: o.Data = "testbed",
     split: o.Split = "test",
     image_root: o.ImageRoot = None,
-    rankings: Annotated[Path | None, typer.Option("--rankings", "-r", help="Golden rankings store for these images.")] = None,
+    rankings: Annotated[Path | None, typer.Option("--rankings", "-r",
+                                                  help="Golden rankings store for these images.")] = None,
     predictor: o.PredictorPath = None,
     schedule: o.Schedule = None,
     keep_ratio: o.KeepRatio = None,

@@ -13,19 +13,23 @@ from prtool.cli.common import check_output, emit, setup
 app = typer.Typer(help="The testbed: Cluttered Fashion-MNIST and the small CLIP prtool trains on it.",
                   no_args_is_help=True)
 
-IdxDir = Annotated[Path, typer.Option("--idx-dir", help="Folder of the Fashion-MNIST IDX files (Debian: dataset-fashion-mnist).")]
+IdxDir = Annotated[Path, typer.Option("--idx-dir",
+                                      help="Folder of the Fashion-MNIST IDX files (Debian: dataset-fashion-mnist).")]
 DEFAULT_IDX = Path("/usr/share/datasets/fashion-mnist")
 
 
 @app.command("data")
 def data(
-    out: Annotated[Path, typer.Option("--out", "-o", help="Output folder for the canvases.")] = Path("runs/testbed-data"),
+    out: Annotated[Path, typer.Option("--out", "-o",
+                                      help="Output folder for the canvases.")] = Path("runs/testbed-data"),
     idx_dir: IdxDir = DEFAULT_IDX,
     split: Annotated[str, typer.Option("--split", help="train (60k items) or test (10k items).")] = "test",
     limit: o.Limit = None,
     seed: o.Seed = 1,
-    png: Annotated[bool, typer.Option("--png", help="Also write an ImageFolder tree of PNGs (one folder per class).")] = False,
-    build_packs: Annotated[bool, typer.Option("--build-packs", help="Rebuild the shipped packs in prtool/testbed/assets.")] = False,
+    png: Annotated[bool, typer.Option("--png",
+                                      help="Also write an ImageFolder tree of PNGs (one folder per class).")] = False,
+    build_packs: Annotated[bool, typer.Option("--build-packs",
+                                              help="Rebuild the shipped packs in prtool/testbed/assets.")] = False,
     as_json: o.Json = False,
     quiet: o.Quiet = False,
     verbose: o.Verbose = False,
@@ -44,7 +48,9 @@ def data(
 
     if build_packs:
         result = {"packs": [build_pack(s, idx_dir) for s in ("test", "train")]}
-        emit(result, as_json, lambda r: [print(f"wrote {p['path']} ({p['count']} items, canvases sha256 {p['canvases_sha256'][:16]})") for p in r["packs"]])
+        emit(result, as_json,
+             lambda r: [print(f"wrote {p['path']} ({p['count']} items, canvases sha256 {p['canvases_sha256'][:16]})")
+                        for p in r["packs"]])
         return
     if split not in ("train", "test"):
         raise PrtoolError(f"unknown split {split!r}: use train or test")
@@ -68,13 +74,15 @@ def data(
 
 @app.command("train")
 def train(
-    out: Annotated[Path, typer.Option("--out", "-o", help="Output checkpoint (.safetensors, fp16).")] = Path("runs/testbed/testbed.safetensors"),
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output checkpoint (.safetensors, "
+                                      "fp16).")] = Path("runs/testbed/testbed.safetensors"),
     idx_dir: IdxDir = DEFAULT_IDX,
     samples: Annotated[int, typer.Option("--samples", help="Training images seen in total.")] = 224_000,
     batch_size: o.BatchSize = 64,  # keep in step with TrainConfig
     seed: o.Seed = 0,
     no_resume: Annotated[bool, typer.Option("--no-resume", help="Start over even if a training state exists.")] = False,
-    evaluate: Annotated[bool, typer.Option("--evaluate/--no-evaluate", help="Zero-shot top-1 on the shipped eval split at the end.")] = True,
+    evaluate: Annotated[bool, typer.Option("--evaluate/--no-evaluate",
+                                           help="Zero-shot top-1 on the shipped eval split at the end.")] = True,
     as_json: o.Json = False,
     quiet: o.Quiet = False,
     verbose: o.Verbose = False,
@@ -83,7 +91,7 @@ def train(
     setup(quiet, verbose)
     check_output(out, suffixes=(".safetensors",))
     from prtool.testbed import spec
-    from prtool.testbed.eval_set import write_reference
+    from prtool.testbed.reference import write_reference
     from prtool.testbed.train import TrainConfig, train_testbed
 
     cfg = TrainConfig(samples=samples, batch_size=batch_size, seed=seed)
@@ -96,4 +104,5 @@ def train(
         from prtool.models import load_clip
 
         result["eval"] = evaluate_zero_shot(load_clip("testbed", str(out)), load_dataset("testbed", "test"))
-    emit(result, as_json, lambda r: print(f"wrote {out}" + (f"; zero-shot top-1 {r['eval']['top1']:.2f}%" if "eval" in r else "")))
+    emit(result, as_json, lambda r: print(f"wrote {out}" + (f"; zero-shot top-1 {r['eval']['top1']:.2f}%"
+                                                            if "eval" in r else "")))

@@ -21,12 +21,14 @@ from prtool.cli.common import (
 
 
 def tune(
-    out: Annotated[Path, typer.Option("--out", "-o", help="Tokens checkpoint (.safetensors; config .json beside it).")] = Path("runs/tokens.safetensors"),
+    out: Annotated[Path, typer.Option("--out", "-o", help="Tokens checkpoint (.safetensors; config .json "
+                                      "beside it).")] = Path("runs/tokens.safetensors"),
     model: o.Model = "testbed",
     pretrained: o.Pretrained = None,
     data: o.Data = "testbed",
     split: Annotated[str, typer.Option("--split", help="Split to draw the few shots from.")] = "train",
-    eval_split: Annotated[str, typer.Option("--eval-split", help="Split to evaluate on at the end ('' to skip).")] = "test",
+    eval_split: Annotated[str, typer.Option("--eval-split",
+                                            help="Split to evaluate on at the end ('' to skip).")] = "test",
     image_root: o.ImageRoot = None,
     shots: Annotated[int, typer.Option("--shots", help="Images per class (seeded).")] = 16,
     schedule: o.Schedule = None,
@@ -38,11 +40,14 @@ def tune(
     n_ctx: Annotated[int | None, typer.Option("--n-ctx", help="Learnable context vectors (0 = the untuned model). "
                      "Default: 16, or fewer when the model's text context has less room (testbed: 9).")] = None,
     mode: Annotated[str, typer.Option("--mode", help="text, visual or both.")] = "both",
-    init: Annotated[str, typer.Option("--init", help="Initial phrase when its token count equals --n-ctx.")] = "a photo of a",
+    init: Annotated[str, typer.Option("--init",
+                                      help="Initial phrase when its token count equals --n-ctx.")] = "a photo of a",
     epochs: Annotated[int, typer.Option("--epochs")] = 30,
     batch_size: o.BatchSize = 32,
     lr: Annotated[float, typer.Option("--lr")] = 0.002,
-    kg_weight: Annotated[float, typer.Option("--kg-weight", help="Pull toward the zero-shot class embeddings (KgCoOp's lambda; 0 = plain CoOp).")] = 8.0,
+    kg_weight: Annotated[float, typer.Option("--kg-weight",
+                                             help="Pull toward the zero-shot class embeddings (KgCoOp's lambda; 0 = "
+                                                  "plain CoOp).")] = 8.0,
     seed: o.Seed = 0,
     limit: o.Limit = None,
     allow_other_weights: o.AllowOtherWeights = False,
@@ -80,7 +85,8 @@ def tune(
 
 
 def export_text(
-    out: Annotated[Path, typer.Option("--out", "-o", help="Output .onnx (manifest .json beside it).")] = Path("runs/export/text.onnx"),
+    out: Annotated[Path, typer.Option("--out", "-o",
+                                      help="Output .onnx (manifest .json beside it).")] = Path("runs/export/text.onnx"),
     model: o.Model = "testbed",
     pretrained: o.Pretrained = None,
     tokens: Annotated[Path | None, typer.Option("--tokens", help="Learned context from `prtool tune`.")] = None,

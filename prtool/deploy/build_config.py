@@ -119,7 +119,8 @@ class BuildConfig:
                 "precision": self.precision, "graph_float_types": list(self.graph_float_types),
                 "strongly_typed": self.strongly_typed or self.trt_major >= 11, "tensorrt_major": self.trt_major,
                 "mixed_onnx": str(self.mixed_onnx) if self.mixed_onnx else None,
-                "builder_flags": list(self.enabled_types), "network_flags": list(network_flags(self)), "tf32": self.tf32,
+                "builder_flags": list(self.enabled_types), "network_flags": list(network_flags(self)),
+                "tf32": self.tf32,
                 "fp32_norm": self.fp32_norm, "precision_constraints": "obey" if pins_layers(self) else "none",
                 "fp32_layer_patterns": None if self.fp32_layer_patterns is None else list(self.fp32_layer_patterns),
                 "workspace_mib": self.workspace_mib,
@@ -201,8 +202,8 @@ def _resolve_precision(precision: str | None, strongly_typed: bool, types: tuple
     if precision not in PRECISIONS:
         raise PrtoolError(f"unknown precision {precision!r}: use one of {', '.join(PRECISIONS)}")
     if set(types) & {"fp16", "bf16"}:
-        raise PrtoolError(f"the ONNX already holds {'/'.join(types)} types: build it without --precision (its own types "
-                          "decide), or pass the FP32 export")
+        raise PrtoolError(f"the ONNX already holds {'/'.join(types)} types: build it without --precision (its own "
+                          "types decide), or pass the FP32 export")
     check_precision(precision, major, strongly_typed)
     return precision
 
@@ -211,7 +212,8 @@ def resolve_build_config(onnx_path: Path, precision: str | None = None, min_batc
                          max_batch: int = 32, strongly_typed: bool = False, fp32_norm: bool = True,
                          workspace_mib: int | None = None, timing_cache: Path | None = None,
                          trt_version: int | None = None, engine: Path | None = None) -> BuildConfig:
-    """Check the user's choices against the ONNX graph and the TensorRT major (``trt_version``, else installed, else 11).
+    """Check the user's choices against the ONNX graph and the TensorRT major (``trt_version``, else installed,
+    else 11).
 
     ``precision=None`` means the default (fp16), or the graph's own types when strongly typed or
     already mixed. ``engine`` places the mixed-precision ONNX beside it.

@@ -134,7 +134,8 @@ def run_runtime(runtime: str, onnx_path: Path, pixels: np.ndarray, workdir: Path
 
 
 def cell_main(argv: list[str]) -> int:
-    """Child-process entry: ``RUNTIME ONNX PIXELS.npy WORKDIR OUT.npz``; exit 0 (outputs saved) or 3 (error on stdout)."""
+    """Child-process entry: ``RUNTIME ONNX PIXELS.npy WORKDIR OUT.npz``; exit 0 (outputs saved) or 3 (error on
+    stdout)."""
     runtime, onnx_path, pixels_path, workdir, out = argv
     try:
         outputs = run_runtime(runtime, Path(onnx_path), np.load(pixels_path), Path(workdir))

@@ -34,12 +34,12 @@ def worked_example(pretrained: str | None = None, seed: int = 0) -> dict:
     import torch
 
     from prtool.build import EncoderSpec, build_pruned_encoder, schedule_for
-    from prtool.demo import DEMO_KEEP_RATIO, DEMO_STAGES, demo_scorer
     from prtool.images import arrays_to_batch
     from prtool.models import load_clip
     from prtool.seed import seed_everything
     from prtool.testbed import spec
     from prtool.testbed.eval_set import load_split_canvases
+    from prtool.testbed.spec import DEMO_KEEP_RATIO, DEMO_STAGES, demo_scorer
 
     if pretrained is None:
         pretrained = "default" if spec.CHECKPOINT_PATH.exists() else "none"
@@ -64,7 +64,8 @@ def worked_example(pretrained: str | None = None, seed: int = 0) -> dict:
         "placeholder": pretrained == "none",
         "model": loaded.model_id,
         "image": {"source": "testbed eval (test) split, canvas 0", "label": int(labels[0]),
-                  "shape_hwc": list(canvas.shape), "dtype": "uint8", "sha256": hashlib.sha256(canvas.tobytes()).hexdigest(),
+                  "shape_hwc": list(canvas.shape), "dtype": "uint8",
+                  "sha256": hashlib.sha256(canvas.tobytes()).hexdigest(),
                   "rgb_at_row0_col0..3": canvas[0, :4].tolist()},
         "preprocess": {k: pre[k] for k in ("image_size", "interpolation", "mean", "std")},
         "by_hand": {"r_at_0_0": r0, "value": float(f"{(r0 / 255 - pre['mean'][0]) / pre['std'][0]:.7g}")},

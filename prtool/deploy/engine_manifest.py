@@ -65,7 +65,8 @@ def read_engine_manifest(plan: Path, check_hash: bool = True) -> dict:
     try:
         manifest = json.loads(side.read_text())
     except ValueError as exc:
-        raise PrtoolError(f"engine manifest {side} is not valid JSON ({exc}): rebuild the engine with `prtool build`") from None
+        raise PrtoolError(f"engine manifest {side} is not valid JSON ({exc}): "
+                          "rebuild the engine with `prtool build`") from None
     if not isinstance(manifest, dict) or manifest.get("kind") != ENGINE_KIND:
         raise PrtoolError(f"{side} is not a prtool engine manifest: rebuild the engine with `prtool build`")
     if check_hash:

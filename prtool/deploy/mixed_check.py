@@ -69,7 +69,8 @@ def measure_mixed(onnx_path: Path, data: str = "testbed", split: str = "test", b
     onnx_path = Path(onnx_path)
     manifest = checked_manifest(onnx_path)  # refuses a missing manifest, or one of another graph, naming both
     if not manifest.get("mixed_precision"):
-        raise PrtoolError(f"{onnx_path} has no mixed-precision manifest: write it with `prtool build --mixed-onnx-only`")
+        raise PrtoolError(f"{onnx_path} has no mixed-precision manifest: "
+                          "write it with `prtool build --mixed-onnx-only`")
     precision = manifest["mixed_precision"]["type"]
     rebuilt = rebuild_encoder(manifest, pretrained, predictor)
     dataset = load_dataset(data, split)

@@ -144,8 +144,8 @@ def _autocast():
         from modelopt.onnx.autocast.logging_config import configure_logging
     except ImportError as exc:
         raise MissingDependencyError(
-            f"nvidia-modelopt's AutoCast is not importable ({exc}): it writes the mixed-precision ONNX that TensorRT 11 "
-            "builds fp16/bf16 engines from; pip install 'prtool[mixed]' (included in prtool[gpu])") from None
+            f"nvidia-modelopt's AutoCast is not importable ({exc}): it writes the mixed-precision ONNX that TensorRT "
+            "11 builds fp16/bf16 engines from; pip install 'prtool[mixed]' (included in prtool[gpu])") from None
     configure_logging("ERROR")
     return convert_to_mixed_precision
 
@@ -180,7 +180,8 @@ def write_mixed_onnx(src: Path, dst: Path, precision: str = "fp16", fp32_norm: b
         problems = check_mixed_graph(mixed, plan, precision)
         if problems:
             raise PrtoolError(f"the mixed-precision graph of {src} is wrong: {problems[0]}"
-                              f"{f' (+{len(problems) - 1} more)' if len(problems) > 1 else ''}; report this with the ONNX")
+                              f"{f' (+{len(problems) - 1} more)' if len(problems) > 1 else ''}; report this with the "
+                              "ONNX")
         out = Path(tmp) / dst.name
         onnx.save(mixed, str(out))
         record = {"type": precision, "converter": f"modelopt.onnx.autocast {metadata.version('nvidia-modelopt')}",

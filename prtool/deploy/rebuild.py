@@ -111,9 +111,9 @@ def rebuild_encoder(manifest: dict, pretrained: str | None = None, predictor: Pa
     weights = _weights(source, pretrained)
     loaded = load_clip(source["model"], weights)
     if source.get("checkpoint_sha256") and loaded.checkpoint_sha256 != source["checkpoint_sha256"]:
-        raise PrtoolError(f"checkpoint {weights} has sha256 {str(loaded.checkpoint_sha256)[:12]}, but the export was made "
-                          f"from {source.get('pretrained')} with sha256 {source['checkpoint_sha256'][:12]}: pass the same "
-                          "weights with --pretrained")
+        raise PrtoolError(f"checkpoint {weights} has sha256 {str(loaded.checkpoint_sha256)[:12]}, but the export was "
+                          f"made from {source.get('pretrained')} with sha256 {source['checkpoint_sha256'][:12]}: pass "
+                          "the same weights with --pretrained")
     schedule = schedule_for(loaded, manifest["schedule"]["string"] or "none")
     scorer = manifest.get("scorer") or "predictor"
     pred_path = None

@@ -104,7 +104,8 @@ def config_pbtxt(model: TritonModel) -> str:
     """The model's ``config.pbtxt`` (protobuf text format)."""
 
     def block(tensors):
-        items = [f'  {{\n    name: "{n}"\n    data_type: {TRITON_TYPES[d]}\n    dims: [ {", ".join(map(str, dims))} ]\n  }}'
+        items = [f'  {{\n    name: "{n}"\n    data_type: {TRITON_TYPES[d]}\n'
+                 f'    dims: [ {", ".join(map(str, dims))} ]\n  }}'
                  for n, d, dims in tensors]
         return "[\n" + ",\n".join(items) + "\n]"
 
@@ -191,5 +192,6 @@ def package_triton(artifacts: list[Path], out_dir: Path, name: str | None = None
             os.replace(tmp / m.name, out_dir / m.name)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return [{"name": m.name, "platform": PLATFORMS[m.kind], "path": str(out_dir / m.name), "max_batch_size": m.max_batch,
+    return [{"name": m.name, "platform": PLATFORMS[m.kind], "path": str(out_dir / m.name),
+             "max_batch_size": m.max_batch,
              "inputs": [list(t) for t in m.inputs], "outputs": [list(t) for t in m.outputs]} for m in models]

@@ -154,7 +154,8 @@ def _parse(trt, cfg: BuildConfig, logger):
     if not parser.parse_from_file(str(cfg.build_onnx)):
         errors = [str(parser.get_error(i)) for i in range(parser.num_errors)]
         raise PrtoolError(f"TensorRT's ONNX parser rejected {cfg.build_onnx}: {errors[0] if errors else 'no detail'}"
-                          f"{f' (+{len(errors) - 1} more)' if len(errors) > 1 else ''}; `prtool inspect` checks readiness")
+                          f"{f' (+{len(errors) - 1} more)' if len(errors) > 1 else ''}; `prtool inspect` checks "
+                          "readiness")
     name = network.get_input(0).name
     if network.num_inputs != 1 or name != cfg.profile.input_name:
         raise PrtoolError(f"TensorRT sees inputs {[network.get_input(i).name for i in range(network.num_inputs)]}, "
@@ -179,8 +180,8 @@ def _configure(trt, builder, network, cfg: BuildConfig):
     if cfg.timing_cache is not None:
         blob = cfg.timing_cache.read_bytes() if cfg.timing_cache.exists() else b""
         if not config.set_timing_cache(config.create_timing_cache(blob), ignore_mismatch=False):
-            raise PrtoolError(f"TensorRT refused the timing cache {cfg.timing_cache} (made by another TensorRT version or "
-                              "GPU): delete it, or pass another --timing-cache")
+            raise PrtoolError(f"TensorRT refused the timing cache {cfg.timing_cache} (made by another TensorRT "
+                              "version or GPU): delete it, or pass another --timing-cache")
     return config, pinned
 
 

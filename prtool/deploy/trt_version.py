@@ -37,8 +37,8 @@ def check_ort_tensorrt(ort_version: str, trt_major: int) -> None:
     """Refuse an onnxruntime whose TensorRT provider was built for the other major (1.27+ is for 11)."""
     built_for = 11 if parse_version(ort_version) >= (1, 27) else 10
     if built_for != trt_major:
-        raise PrtoolError(f"onnxruntime {ort_version}'s TensorRT provider is built for TensorRT {built_for}, but TensorRT "
-                          f"{trt_major} is installed: {gpu_install_command(trt_major)}")
+        raise PrtoolError(f"onnxruntime {ort_version}'s TensorRT provider is built for TensorRT {built_for}, but "
+                          f"TensorRT {trt_major} is installed: {gpu_install_command(trt_major)}")
 
 
 def gpu_install_command(major: int = DEFAULT_MAJOR) -> str:

@@ -13,6 +13,7 @@ PREDICTOR_PATH = ASSETS / "predictor.safetensors"
 TOKENS_PATH = ASSETS / "tokens.safetensors"  # learnable tokens for the demo schedule (`prtool tune`)
 REFERENCE_PATH = ASSETS / "reference.json"
 MODEL_NAME = "testbed"
+DEMO_KEEP_RATIO, DEMO_STAGES = 0.6, 4  # the demo's operating point, also the worked example in export/CONTRACT.md
 
 CLASSNAMES = (
     "t-shirt",
@@ -60,3 +61,10 @@ TEMPLATES = (
 def class_captions() -> list[list[str]]:
     """All captions of each class: templates x synonyms."""
     return [[t.format(name) for t in TEMPLATES for name in names] for names in SYNONYMS]
+
+
+def demo_scorer() -> tuple[str, Path | None]:
+    """The committed predictor when it exists, else CLS attention."""
+    if PREDICTOR_PATH.exists():
+        return "predictor", PREDICTOR_PATH
+    return "cls-attn", None
