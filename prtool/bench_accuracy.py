@@ -1,10 +1,8 @@
 """``prtool bench accuracy``: every method at the same schedule, scored alike.
 
-Methods: ``none`` (unpruned), ``patch-ranking`` (the trained predictor), ``golden`` (the oracle,
-from a rankings store of the evaluated split), ``random`` (mean over seeds), ``cls-attn``,
-``evit`` and ``tome`` (prtool.peers), ``brightness`` (a pixel heuristic), and rank-and-merge
-(``patch-ranking-merge``; ``golden-merge``, ``random-merge``, ``cls-attn-merge``: the same merge
-behind the other rankers, prtool.rank_merge). Each row reports zero-shot top-1/top-5, the mean cosine to the
+Methods: every scored entry of ``prtool.methods`` (``none``: unpruned; ``patch-ranking``; the oracle
+``golden``, from a rankings store of the evaluated split; ``random``, mean over seeds; the peers; the
+rank-and-merge variants). Each row reports zero-shot top-1/top-5, the mean cosine to the
 unpruned embedding, top-1 agreement with the unpruned prediction, and analytic GFLOPs.
 """
 
@@ -15,58 +13,57 @@ from pathlib import Path
 
 import numpy as np
 
-from prtool.build import EncoderSpec, build_pruned_encoder
+from prtool.build import build_pruned_encoder, method_spec
 from prtool.errors import PrtoolError
 from prtool.evaluate import evaluate_zero_shot, text_classifier
 from prtool.flops import encoder_cost
+from prtool.methods import METHODS, get_method
 from prtool.schedule import Schedule
 from prtool.stats import mean_and_stderr, paired_difference
 
 log = logging.getLogger(__name__)
 
-METHODS = ("none", "patch-ranking", "golden", "random", "cls-attn", "evit", "tome", "brightness",
-           "patch-ranking-merge", "golden-merge", "random-merge", "cls-attn-merge")
-_SCORER = {"patch-ranking": "predictor", "golden": "golden", "random": "random", "cls-attn": "cls-attn",
-           "evit": "evit", "tome": "tome", "brightness": "brightness", "patch-ranking-merge": "patch-ranking-merge",
-           "golden-merge": "golden-merge", "random-merge": "random-merge", "cls-attn-merge": "cls-attn-merge"}
+def _resolve(methods: list[str], predictor: Path | None, rankings: Path | None) -> dict:
+    """``{name given: Method}`` for the pruned rows (the unpruned row is always measured), after checking
+    that what each needs was given."""
+    out = {}
+    for name in methods:
+        method = get_method(name, "accuracy")
+        if method.needs == "predictor" and predictor is None:
+            raise PrtoolError(f"method {name} needs --predictor FILE")
+        if method.needs == "rankings" and rankings is None:
+            raise PrtoolError(f"method {name} needs --rankings DIR (rankings of the evaluated split)")
+        if method.name != "none":
+            out[name] = method
+    return out
 
 
 def bench_accuracy(loaded, dataset, schedules: list[Schedule], methods: list[str], predictor: Path | None = None,
                    rankings: Path | None = None, seeds: list[int] = (0, 1, 2), batch_size: int = 64) -> dict:
-    unknown = [m for m in methods if m not in METHODS]
-    if unknown:
-        raise PrtoolError(f"unknown methods {unknown}: choose from {', '.join(METHODS)}")
-    for m in ("patch-ranking", "patch-ranking-merge"):
-        if m in methods and predictor is None:
-            raise PrtoolError(f"method {m} needs --predictor FILE")
-    for m in ("golden", "golden-merge"):
-        if m in methods and rankings is None:
-            raise PrtoolError(f"method {m} needs --rankings DIR (rankings of the evaluated split)")
+    """Rows labelled by the method names given (``prtool.methods``; the unpruned row is ``none``)."""
+    pruned = _resolve(methods, predictor, rankings)
     class_emb = text_classifier(loaded, dataset)
     # The unpruned row is always measured: it anchors every comparison.
-    empty = Schedule((), schedules[0].num_patches, schedules[0].depth)
-    enc, _ = build_pruned_encoder(loaded, EncoderSpec(empty))
+    unpruned = method_spec(METHODS["none"], schedules[0])
+    enc, _ = build_pruned_encoder(loaded, unpruned)
     base_hits: list = []
-    baseline = evaluate_zero_shot(loaded, dataset, EncoderSpec(empty), class_emb=class_emb, batch_size=batch_size,
+    baseline = evaluate_zero_shot(loaded, dataset, unpruned, class_emb=class_emb, batch_size=batch_size,
                                   hits_out=base_hits)
-    rows = [_row("none", empty, baseline, encoder_cost(enc))]
+    rows = [_row("none", unpruned.schedule, baseline, encoder_cost(enc))]
     hits = {("none", "none"): base_hits[0]}
     for sched in schedules:
-        for method in methods:
-            if method == "none":
-                continue
-            spec_seeds = seeds if method in ("random", "random-merge") else [0]
-            pred = predictor if method.startswith("patch-ranking") else None
+        for name, method in pruned.items():
+            spec_seeds = seeds if method.seeded else [0]
             results, seed_hits = [], []
             for seed in spec_seeds:
-                spec = EncoderSpec(sched, _SCORER[method], pred, seed=seed)
-                log.info("%s at %s (seed %d)", method, sched.to_string(), seed)
-                results.append(evaluate_zero_shot(loaded, dataset, spec, class_emb=class_emb, batch_size=batch_size,
-                                                  rankings=rankings if method.startswith("golden") else None,
+                log.info("%s at %s (seed %d)", name, sched.to_string(), seed)
+                results.append(evaluate_zero_shot(loaded, dataset, method_spec(method, sched, predictor, seed),
+                                                  class_emb=class_emb, batch_size=batch_size,
+                                                  rankings=rankings if method.needs == "rankings" else None,
                                                   hits_out=seed_hits))
-            hits[(method, sched.to_string())] = np.mean(seed_hits, axis=0)  # per image; mean over seeds
-            enc, _ = build_pruned_encoder(loaded, EncoderSpec(sched, _SCORER[method], pred))
-            rows.append(_row(method, sched, _merge(results), encoder_cost(enc), seeds=list(spec_seeds)))
+            hits[(name, sched.to_string())] = np.mean(seed_hits, axis=0)  # per image; mean over seeds
+            enc, _ = build_pruned_encoder(loaded, method_spec(method, sched, predictor))
+            rows.append(_row(name, sched, _merge(results), encoder_cost(enc), seeds=list(spec_seeds)))
     _add_paired(rows, hits)
     return {"model": loaded.model_id, "dataset": dataset.name, "split": dataset.split, "images": len(dataset),
             "rows": rows}

@@ -19,24 +19,21 @@ import numpy as np
 import torch
 
 from prtool.bench_accuracy import save_figure
-from prtool.build import EncoderSpec, build_pruned_encoder, schedule_for
+from prtool.build import EncoderSpec, build_pruned_encoder, method_spec, schedule_for
 from prtool.errors import PrtoolError
 from prtool.evaluate import evaluate_zero_shot, text_classifier
 from prtool.export import ExportOptions, export_onnx
 from prtool.flops import encoder_cost
 from prtool.io_names import PIXELS
+from prtool.methods import METHODS, get_method
 from prtool.schedule import Schedule
 from prtool.stats import paired_difference
 from prtool.timing import interleaved_latency
 
 log = logging.getLogger(__name__)
 
-METHODS = {"none": "none", "patch-ranking": "predictor", "patch-ranking-merge": "patch-ranking-merge", "tome": "tome",
-           "evit": "evit", "random-merge": "random-merge", "golden-merge": "golden-merge",
-           "cls-attn-merge": "cls-attn-merge", "cls-attn": "cls-attn"}
 DEFAULT_METHODS = "none,patch-ranking,patch-ranking-merge,tome,evit,random-merge"
 DEFAULT_BUDGETS = "4x136,4x118,4x96,4x76,4x56,1x60%,1x50%"
-_TIMED_BY = {"random-merge": "patch-ranking-merge", "golden-merge": "patch-ranking-merge"}
 _BUDGET = re.compile(r"^(\d+)x(\d+(?:\.\d+)?)(%?)$")
 
 
@@ -56,28 +53,38 @@ def parse_budgets(loaded, text: str, first_block: int | None = None) -> list[Sch
 def _specs(methods: list[str], schedules: list[Schedule], loaded, predictor: Path | None,
            designs: dict[str, dict] | None = None) -> dict:
     """``(label, schedule) -> EncoderSpec``; each of ``designs`` adds a ``patch-ranking-merge[name]`` row."""
-    specs = {("none", "none"): EncoderSpec(schedule_for(loaded, "none"))}
+    specs = {("none", "none"): method_spec(METHODS["none"], schedules[0])}
     for sched in schedules:
         for m in methods:
-            if m != "none":
-                pred = predictor if METHODS[m] in ("predictor", "patch-ranking-merge") else None
-                specs[(m, sched.to_string())] = EncoderSpec(sched, METHODS[m], pred)
+            if get_method(m, "pareto").name != "none":
+                specs[(m, sched.to_string())] = method_spec(get_method(m, "pareto"), sched, predictor)
         for name, design in (designs or {}).items():
             specs[(f"patch-ranking-merge[{name}]", sched.to_string())] = EncoderSpec(
                 sched, "patch-ranking-merge", predictor, merge=design)
     return specs
 
 
+def _check_methods(methods: list[str], rankings: Path | None) -> dict[str, str]:
+    """``{name: the method whose export times it}`` for the methods that cannot be exported, after checking
+    every name, what each needs, and that each timing twin is among ``methods``."""
+    given = {get_method(m, "pareto").name for m in methods}
+    timed_by = {}
+    for m in methods:
+        method = get_method(m, "pareto")
+        if method.needs == "rankings" and rankings is None:
+            raise PrtoolError(f"method {m} needs --rankings DIR (rankings of the evaluated split)")
+        if method.timed_by is not None and not method.exportable:
+            if method.timed_by not in given:
+                raise PrtoolError(f"{m} cannot be exported: it is timed by {method.timed_by}'s export: "
+                                  f"add {method.timed_by} to --methods")
+            timed_by[m] = method.timed_by
+    return timed_by
+
+
 def bench_pareto(loaded, dataset, schedules: list[Schedule], methods: list[str], predictor: Path | None = None,
                  rankings: Path | None = None, seeds: list[int] = (0,), batch: int = 32, warmup: int = 3,
                  iters: int = 20, workdir: Path | None = None, designs: dict[str, dict] | None = None) -> dict:
-    unknown = [m for m in methods if m not in METHODS]
-    if unknown:
-        raise PrtoolError(f"unknown methods {unknown}: choose from {', '.join(METHODS)}")
-    if "golden-merge" in methods and rankings is None:
-        raise PrtoolError("method golden-merge needs --rankings DIR (rankings of the evaluated split)")
-    if any(m in _TIMED_BY for m in methods) and "patch-ranking-merge" not in methods:
-        raise PrtoolError("random-merge and golden-merge are timed by patch-ranking-merge's export: add it to --methods")
+    timed_by = _check_methods(methods, rankings)
     workdir = Path(workdir or tempfile.mkdtemp(prefix="prtool-pareto-"))
     class_emb = text_classifier(loaded, dataset)
     specs, rows, hits, sessions = _specs(methods, schedules, loaded, predictor, designs), [], {}, {}
@@ -86,12 +93,12 @@ def bench_pareto(loaded, dataset, schedules: list[Schedule], methods: list[str],
         row = {"method": method, "design": spec.merge, "schedule": sched_text, "keep": spec.schedule.final_keep,
                "stages": len(spec.schedule.stages), "gflops": encoder_cost(enc)["gflops"]}
         per_seed = []
-        if method in _TIMED_BY:
+        if method in timed_by:
             for seed in seeds:
                 evaluate_zero_shot(loaded, dataset, EncoderSpec(spec.schedule, spec.scorer, seed=seed),
                                          class_emb=class_emb, compare_unpruned=False, hits_out=per_seed,
                                          rankings=rankings)
-            row.update(accuracy_backend="torch", seeds=list(seeds), timed_by=_TIMED_BY[method])
+            row.update(accuracy_backend="torch", seeds=list(seeds), timed_by=timed_by[method])
         else:
             path = workdir / re.sub(r"[^A-Za-z0-9_.-]", "_", f"{method}-{sched_text}.onnx")
             log.info("exporting %s at %s", method, sched_text)

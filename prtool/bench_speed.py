@@ -16,7 +16,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from prtool.build import EncoderSpec, build_pruned_encoder, schedule_for
+from prtool import methods
+from prtool.build import build_pruned_encoder, method_spec, schedule_for
 from prtool.device import autocast, check_precision, device_report, resolve_device
 from prtool.errors import PrtoolError
 from prtool.export import ExportOptions, export_onnx
@@ -26,10 +27,8 @@ from prtool.timing import cuda_event_clock, interleaved_latency, wall_clock
 
 log = logging.getLogger(__name__)
 
-VARIANTS = ("baseline", "patch-ranking", "static", "cls-attn", "evit", "tome", "patch-ranking-merge", "cls-attn-merge")
+VARIANTS = methods.names("speed")  # every method that exports (prtool.methods); the unpruned row is "baseline"
 BACKENDS = ("torch", "onnxruntime", "onnxruntime-cuda", "tensorrt")
-_SCORER = {"patch-ranking": "predictor", "static": "static", "cls-attn": "cls-attn", "evit": "evit", "tome": "tome",
-           "patch-ranking-merge": "patch-ranking-merge", "cls-attn-merge": "cls-attn-merge"}
 
 
 def _runner(backend: str, encoder, onnx_path: Path | None, device: torch.device, batch_sizes: list[int] | None = None,
@@ -111,19 +110,18 @@ def bench_speed(loaded, schedule_text: str | None, keep_ratio: float | None, sta
                 precision: str | None = None, cuda_graphs: bool = False) -> dict:
     """Time every variant on every backend, interleaved. ``device`` and ``precision`` (fp32, fp16 or
     bf16 autocast; default fp32) apply to the torch backend; TensorRT builds in ``precision`` (default fp16)."""
-    unknown = [v for v in variants if v not in VARIANTS] + [b for b in backends if b not in BACKENDS]
+    unknown = [b for b in backends if b not in BACKENDS]
     if unknown:
-        raise PrtoolError(f"unknown variants/backends {unknown}: variants {VARIANTS}, backends {BACKENDS}")
+        raise PrtoolError(f"unknown backends {unknown}: use {', '.join(BACKENDS)}")
+    chosen = {v: methods.get_method(v, "speed") for v in variants}
     sched = schedule_for(loaded, schedule_text, keep_ratio, stages, first_block)
     if sched.is_empty:
         raise PrtoolError("bench speed needs a pruning schedule (--schedule or --keep-ratio)")
     dev = resolve_device(device)  # the torch backend's device
     if precision is not None:
         check_precision(precision)
-    specs = {"baseline": EncoderSpec(schedule_for(loaded, "none"))}
-    for v in variants:
-        if v != "baseline":
-            specs[v] = EncoderSpec(sched, _SCORER[v], predictor if v.startswith("patch-ranking") else None)
+    specs = {"baseline": method_spec(methods.METHODS["none"], sched)}
+    specs.update({v: method_spec(m, sched, predictor) for v, m in chosen.items() if m.name != "none"})
     encoders, costs = {}, {}
     for name, spec in specs.items():
         encoders[name], _ = build_pruned_encoder(loaded, spec)

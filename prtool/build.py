@@ -1,24 +1,17 @@
-"""Assemble a ``PrunedVisionTransformer`` from user-level choices (model, schedule, scorer)."""
+"""Assemble a ``PrunedVisionTransformer`` from user-level choices (model, schedule, method: ``prtool.methods``)."""
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 from prtool.errors import PrtoolError
+from prtool.methods import METHODS, RANKERS, Method, get_method, ranker_of
 from prtool.models import LoadedModel
-from prtool.predictor import check_predictor_fits, load_predictor, untrained_predictor
 from prtool.pruned import PrunedVisionTransformer
 from prtool.schedule import Schedule, resolve_schedule
-from prtool.scorers import (
-    BrightnessScorer,
-    ClsAttentionScorer,
-    GoldenScorer,
-    PatchScorer,
-    PredictorScorer,
-    RandomScorer,
-)
+from prtool.scorers import PatchScorer
 
 
 @dataclass
@@ -26,12 +19,15 @@ class EncoderSpec:
     """Everything that decides the pruned encoder's graph (recorded in manifests)."""
 
     schedule: Schedule
-    scorer: str = "predictor"
+    scorer: str = "predictor"  # the method (prtool.methods), as manifests record it (--scorer)
     predictor_path: Path | None = None
     gather: str = "flat"
     seed: int = 0
     allow_other_weights: bool = False  # a predictor/tokens made for other weights of this architecture
     merge: dict | None = None  # rank-and-merge design (target, attention, merge_op); None = the shipped default
+
+    def __post_init__(self):
+        self.scorer = get_method(self.scorer).spec_name  # an alias ("patch-ranking") is recorded by its name
 
     @property
     def untrained_predictor(self) -> bool:
@@ -46,13 +42,6 @@ class EncoderSpec:
         if self.allow_other_weights:
             out["allow_other_weights"] = True
         return out
-
-
-def ranker_of(scorer: str) -> str:
-    """The scorer that ranks patches for ``scorer`` (``patch-ranking-merge`` -> ``predictor``)."""
-    from prtool.rank_merge import MERGE_METHODS
-
-    return MERGE_METHODS.get(scorer, scorer)
 
 
 log = logging.getLogger(__name__)
@@ -99,51 +88,34 @@ def schedule_for(loaded: LoadedModel, schedule: str | None = None, keep_ratio: f
     return resolve_schedule(schedule, keep_ratio, stages, first_block, n, depth)
 
 
+def method_spec(method: Method, schedule: Schedule, predictor: Path | None = None, seed: int = 0,
+                merge: dict | None = None) -> EncoderSpec:
+    """The spec of ``method`` at ``schedule`` (``none``: unpruned), given ``predictor`` only if it ranks by one."""
+    if method.name == "none":
+        return EncoderSpec(Schedule((), schedule.num_patches, schedule.depth))
+    return EncoderSpec(schedule, method.spec_name, predictor if method.needs == "predictor" else None, seed=seed,
+                       merge=merge)
+
+
 def make_scorer(loaded: LoadedModel, spec: EncoderSpec) -> tuple[PatchScorer | None, dict | None]:
-    """The scorer object and, for a trained predictor, its checkpoint metadata."""
-    if spec.schedule.is_empty:
+    """The ranker object of ``spec``'s method (None when unpruned or the method ranks nothing) and, for a
+    trained predictor, its checkpoint metadata."""
+    name = ranker_of(spec.scorer)
+    if spec.schedule.is_empty or name is None:
         return None, None
-    n, _, width = tower_geometry(loaded)
-    if spec.scorer == "predictor":
-        if spec.predictor_path is None:
-            # An untrained predictor: a valid graph for export and speed work, not for accuracy.
-            return PredictorScorer(untrained_predictor(n, width)), None
-        predictor, meta = load_predictor(spec.predictor_path)
-        check_predictor_fits(meta, loaded.model_id, spec.schedule.first_block, n, width, spec.predictor_path,
-                             spec.allow_other_weights)
-        return PredictorScorer(predictor), meta
-    if spec.predictor_path is not None:
-        raise PrtoolError(f"--predictor is only used with --scorer predictor, not {spec.scorer}")
-    if spec.scorer == "cls-attn":
-        return ClsAttentionScorer(), None
-    if spec.scorer == "random":
-        return RandomScorer(spec.seed), None
-    if spec.scorer == "golden":
-        return GoldenScorer(), None
-    if spec.scorer == "brightness":
-        return BrightnessScorer(), None
-    raise PrtoolError(f"unknown scorer {spec.scorer!r}: use predictor, cls-attn, evit, tome, patch-ranking-merge, "
-                      "cls-attn-merge, random, golden or brightness")
+    ranker = RANKERS[name]
+    if spec.predictor_path is not None and ranker.needs != "predictor":
+        by_predictor = [m.spec_name for m in METHODS.values() if m.needs == "predictor"]
+        raise PrtoolError(f"--predictor is only used with --scorer {' or '.join(by_predictor)}, not {spec.scorer}")
+    return ranker.scorer_class().from_spec(loaded, spec)
 
 
 def build_pruned_encoder(loaded: LoadedModel, spec: EncoderSpec, normalize: bool = True,
                          return_indices: bool = False, visual_prompts=None) -> tuple[PrunedVisionTransformer, dict | None]:
-    from prtool.peers import PEERS
-    from prtool.rank_merge import MERGE_METHODS, RankMergeVisionTransformer
-
-    if spec.scorer in MERGE_METHODS and not spec.schedule.is_empty:
-        scorer, meta = make_scorer(loaded, replace(spec, scorer=MERGE_METHODS[spec.scorer]))
-        enc = RankMergeVisionTransformer(loaded.visual, spec.schedule, scorer, gather=spec.gather, normalize=normalize,
-                                         return_indices=return_indices, visual_prompts=visual_prompts,
-                                         **(spec.merge or {}))
-        return enc.eval(), meta
-    if spec.scorer in PEERS and not spec.schedule.is_empty:
-        if return_indices:
-            raise PrtoolError(f"{spec.scorer} merges or fuses tokens: it has no kept_patch_indices output")
-        enc = PEERS[spec.scorer](loaded.visual, spec.schedule, gather=spec.gather, normalize=normalize,
-                                 visual_prompts=visual_prompts)
-        return enc.eval(), None
+    """The encoder of ``spec``'s method (``METHODS``); ``encoder.method`` is its table entry (its FLOPs rule)."""
+    method = METHODS["none"] if spec.schedule.is_empty else get_method(spec.scorer)
     scorer, meta = make_scorer(loaded, spec)
-    enc = PrunedVisionTransformer(loaded.visual, spec.schedule, scorer, gather=spec.gather, normalize=normalize,
-                                  return_indices=return_indices, visual_prompts=visual_prompts)
+    enc = method.encoder_class().from_spec(loaded.visual, spec, scorer, normalize=normalize,
+                                           return_indices=return_indices, visual_prompts=visual_prompts)
+    enc.method = method
     return enc.eval(), meta

@@ -27,6 +27,7 @@ from prtool.export import ExportOptions, export_onnx
 from prtool.flops import encoder_cost
 from prtool.io_names import PIXELS
 from prtool.manifest import write_json_atomic
+from prtool.methods import merged_variant
 from prtool.models import load_clip
 from prtool.runtime import ort_session
 from prtool.testbed import spec as tbspec
@@ -36,7 +37,6 @@ from prtool.visualize import save_rows, stage_panels
 
 log = logging.getLogger(__name__)
 
-MERGED = {"predictor": "patch-ranking-merge", "cls-attn": "cls-attn-merge"}  # the demo's pruned export
 
 
 def demo_tokens(loaded, spec: EncoderSpec):
@@ -64,7 +64,7 @@ def run_demo(out: Path, limit: int | None = None, latency_batch: int = 32, laten
     schedule = schedule_for(loaded, keep_ratio=DEMO_KEEP_RATIO, stages=DEMO_STAGES)
     scorer, predictor = demo_scorer()
     specs = {"unpruned": EncoderSpec(schedule_for(loaded, "none")),
-             "pruned": EncoderSpec(schedule, MERGED[scorer], predictor),
+             "pruned": EncoderSpec(schedule, merged_variant(scorer).spec_name, predictor),  # rank-and-merge
              "patch-ranking": EncoderSpec(schedule, scorer, predictor),
              "evit": EncoderSpec(schedule, "evit"),
              "tome": EncoderSpec(schedule, "tome")}
@@ -102,7 +102,7 @@ def run_demo(out: Path, limit: int | None = None, latency_batch: int = 32, laten
     report = {
         "model": loaded.model_id,
         "schedule": schedule.to_dict(),
-        "scorer": MERGED[scorer],
+        "scorer": specs["pruned"].scorer,
         "predictor": str(predictor) if predictor else None,
         "eval_images": len(dataset),
         "variants": rows,

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from prtool.build import EncoderSpec, build_pruned_encoder, ranker_of
+from prtool.build import EncoderSpec, build_pruned_encoder
 from prtool.datasets import ImageDataset
 from prtool.errors import PrtoolError
 from prtool.io_names import LOGITS
@@ -23,48 +23,6 @@ def _progress_batches(dataset: ImageDataset, batch_size: int, preprocess: dict, 
         for batch in dataset.batches(batch_size, preprocess, skip_bad):
             yield batch
             bar.update(1)
-
-
-def golden_scores_for(dataset: ImageDataset, rankings: Path, loaded: LoadedModel, rank_block: int):
-    """``rows -> [b, N]`` oracle patch scores from a rankings store (higher = ranked earlier)."""
-    from prtool.rank_store import load_store
-
-    store = load_store(rankings)
-    idx = store.index
-    if idx["rank_block"] != rank_block:
-        raise PrtoolError(f"rankings {rankings} were computed at block {idx['rank_block']}, but the schedule's first "
-                          f"stage is block {rank_block}: use a schedule starting at block {idx['rank_block']}")
-    if idx["model_id"].get("checkpoint_sha256") != loaded.model_id.get("checkpoint_sha256") or \
-            idx["model_id"].get("model") != loaded.name:
-        raise PrtoolError(f"rankings {rankings} were computed for {idx['model_id']}, not {loaded.model_id}")
-    where = store.row_of()
-    n = store.rankings.shape[1]
-    position_score = torch.arange(n, 0, -1, dtype=torch.float32)  # first in the ranking -> highest score
-
-    def scores_for(pixels, rows) -> torch.Tensor:
-        out = torch.empty(len(rows), n)
-        for j, r in enumerate(rows):
-            sid = dataset.sample_id(r)
-            if sid not in where:
-                raise PrtoolError(f"rankings {rankings} have no ranking for {sid}: rank this dataset/split first")
-            out[j, torch.from_numpy(store.rankings[where[sid]])] = position_score
-        return out
-
-    return scores_for
-
-
-def brightness_scores_for(loaded: LoadedModel):
-    """``(pixels, rows) -> [b, N]``: mean intensity of each patch (a naive saliency heuristic)."""
-    pre = loaded.preprocess
-    mean = torch.tensor(pre["mean"]).view(1, 3, 1, 1)
-    std = torch.tensor(pre["std"]).view(1, 3, 1, 1)
-    patch = loaded.visual.conv1.kernel_size[0]
-
-    def scores_for(pixels, rows) -> torch.Tensor:
-        raw = (pixels * std + mean).mean(1, keepdim=True)  # [b, 1, H, W] in 0..1
-        return torch.nn.functional.avg_pool2d(raw, patch).flatten(1)
-
-    return scores_for
 
 
 def _onnx_logits_head(session, path: Path, dataset: ImageDataset) -> tuple:
@@ -97,7 +55,7 @@ def evaluate_zero_shot(loaded: LoadedModel, dataset: ImageDataset, spec: Encoder
                        rankings: Path | None = None, hits_out: list | None = None) -> dict:
     """Top-1/top-5 on ``dataset``; pruned runs also report cosine/top-1 agreement with the unpruned model.
 
-    ``spec.scorer == "golden"`` prunes each image by its own golden ranking from ``rankings``.
+    A golden-ranked method prunes each image by its own golden ranking from ``rankings``.
     """
     from prtool.schedule import Schedule
 
@@ -119,13 +77,9 @@ def evaluate_zero_shot(loaded: LoadedModel, dataset: ImageDataset, spec: Encoder
         backend = "onnxruntime"
     else:
         encoder, _ = build_pruned_encoder(loaded, spec, normalize=True)
-        scores_for = None
-        if ranker_of(spec.scorer) == "golden" and not spec.schedule.is_empty:
-            if rankings is None:
-                raise PrtoolError("--scorer golden needs --rankings DIR (a store made by `prtool rank`)")
-            scores_for = golden_scores_for(dataset, rankings, loaded, spec.schedule.first_block)
-        elif spec.scorer == "brightness" and not spec.schedule.is_empty:
-            scores_for = brightness_scores_for(loaded)
+        scores_for = None  # oracle rankers (golden, brightness) score each image outside the graph
+        if encoder.scorer is not None:
+            scores_for = encoder.scorer.image_scores(loaded, dataset, rankings, spec.schedule.first_block)
         embed = torch_embedder(encoder, scores_for)
         backend = "torch"
     reference = None

@@ -147,8 +147,8 @@ def export_onnx(loaded: LoadedModel, spec: EncoderSpec, out: Path, options: Expo
     encoder, predictor_meta = build_pruned_encoder(loaded, spec, normalize=options.normalize,
                                                    return_indices=options.with_kept_indices,
                                                    visual_prompts=visual_prompts)
-    if encoder.scorer is not None and not encoder.scorer.exportable:
-        raise PrtoolError(f"scorer {encoder.scorer.name} cannot be exported: {encoder.scorer.why_not_exportable}")
+    if not encoder.method.exportable:
+        raise PrtoolError(f"method {encoder.method.name} cannot be exported: {encoder.method.why_not_exported}")
     if class_embeds is not None:
         encoder = WithClassifier(encoder, class_embeds, float(loaded.model.logit_scale.detach().exp())).eval()
     names = output_names(options.with_kept_indices, class_embeds is not None)

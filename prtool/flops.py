@@ -66,21 +66,31 @@ def merge_selection_macs(schedule: Schedule, dim: int, target: str, heads: int, 
     return total + sum(heads * t * t for t in tokens[first:])
 
 
+def no_selection_macs(encoder) -> int:
+    """Methods that only rank (or keep everything): their ranker's cost is the scorer's, not a selection's."""
+    return 0
+
+
+def evit_selection_macs(encoder) -> int:
+    return peer_selection_macs("evit", encoder.schedule, encoder.width, encoder.num_prefix)
+
+
+def tome_selection_macs(encoder) -> int:
+    return peer_selection_macs("tome", encoder.schedule, encoder.width, encoder.num_prefix)
+
+
+def rank_merge_selection_macs(encoder) -> int:
+    heads = encoder.transformer.resblocks[0].attn.num_heads
+    return merge_selection_macs(encoder.schedule, encoder.width, encoder.target, heads, encoder.num_prefix)
+
+
 def encoder_cost(encoder) -> dict:
-    """:func:`encoder_macs` for a ``PrunedVisionTransformer`` (its scorer's cost included)."""
+    """:func:`encoder_macs` for a ``PrunedVisionTransformer``: its ranker's cost (``scorer.macs``) and its
+    method's selection cost (the ``flops`` rule of its ``prtool.methods`` entry, set by
+    ``build_pruned_encoder``; an encoder built outside the table counts none)."""
     patch = encoder.conv1.kernel_size[0]
     embed = encoder.proj.shape[1] if encoder.proj is not None else encoder.width
-    scorer_macs = 0
-    pred = getattr(encoder.scorer, "predictor", None)
-    if pred is not None:
-        scorer_macs = pred.macs()
-    elif encoder.scorer is not None and encoder.scorer.name == "cls-attn":
-        n = encoder.schedule.num_patches + encoder.num_prefix
-        scorer_macs = 2 * n * encoder.width * encoder.width + n * encoder.width  # ln_1 + q/k projections + scores
-    method = getattr(encoder, "method", "")
-    if method == "rank-merge":
-        heads = encoder.transformer.resblocks[0].attn.num_heads
-        selection = merge_selection_macs(encoder.schedule, encoder.width, encoder.target, heads, encoder.num_prefix)
-    else:
-        selection = peer_selection_macs(method, encoder.schedule, encoder.width, encoder.num_prefix)
+    scorer_macs = encoder.scorer.macs(encoder) if encoder.scorer is not None else 0
+    method = getattr(encoder, "method", None)
+    selection = method.flops(encoder) if method is not None else 0
     return encoder_macs(encoder.schedule, encoder.width, patch, embed, encoder.num_prefix, scorer_macs, selection)

@@ -37,12 +37,17 @@ def block_keys(x: torch.Tensor, block: nn.Module) -> torch.Tensor:
 class _PeerEncoder(PrunedVisionTransformer):
     """Shared setup: peers take no scorer; the schedule says how many tokens each stage keeps."""
 
-    method = "peer"
     needs_scorer = False
 
     def __init__(self, visual, schedule, gather: str = "flat", normalize: bool = False, visual_prompts=None):
         super().__init__(visual, schedule, scorer=None, gather=gather, normalize=normalize,
                          return_indices=False, visual_prompts=visual_prompts)
+
+    @classmethod
+    def from_spec(cls, visual, spec, scorer, return_indices: bool = False, **kw):
+        if return_indices:
+            raise PrtoolError(f"{spec.scorer} merges or fuses tokens: it has no kept_patch_indices output")
+        return cls(visual, spec.schedule, gather=spec.gather, **kw)
 
     @property
     def expected_topk_nodes(self) -> int:
@@ -50,8 +55,6 @@ class _PeerEncoder(PrunedVisionTransformer):
 
 
 class EViTVisionTransformer(_PeerEncoder):
-    method = "evit"
-
     def reduce(self, x: torch.Tensor, block: nn.Module, n: int, keep: int) -> torch.Tensor:
         """``[B, P + n, D] -> [B, P + keep, D]``: top-(keep-1) by CLS attention + one fused token.
 
@@ -112,8 +115,6 @@ def bipartite_merge(x: torch.Tensor, size: torch.Tensor, metric: torch.Tensor, r
 
 
 class ToMeVisionTransformer(_PeerEncoder):
-    method = "tome"
-
     def forward_with_sizes(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Embeddings and the final token sizes ``[B, T]`` (how many patches each token stands for)."""
         x = self.embed(pixels)
@@ -139,8 +140,6 @@ class StaticKeepVisionTransformer(_PeerEncoder):
     Useless for accuracy; it is the timing twin that isolates the cost of the pruning machinery.
     """
 
-    method = "static"
-
     @property
     def expected_topk_nodes(self) -> int:
         return 0
@@ -153,5 +152,3 @@ class StaticKeepVisionTransformer(_PeerEncoder):
             x = blk(x)
         return self.pool(x)
 
-
-PEERS = {"evit": EViTVisionTransformer, "tome": ToMeVisionTransformer, "static": StaticKeepVisionTransformer}

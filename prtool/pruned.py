@@ -110,6 +110,12 @@ class PrunedVisionTransformer(nn.Module):
             self.visual_prompts = None
         self._stage_keep = dict(zip(schedule.blocks, schedule.keep))
 
+    @classmethod
+    def from_spec(cls, visual: nn.Module, spec, scorer: PatchScorer | None, **kw) -> PrunedVisionTransformer:
+        """The encoder an ``EncoderSpec`` describes (``prtool.methods`` builds every method through this);
+        ``kw``: ``normalize``, ``return_indices``, ``visual_prompts``."""
+        return cls(visual, spec.schedule, scorer, gather=spec.gather, **kw)
+
     @property
     def expected_topk_nodes(self) -> int:
         """TopK nodes the exported graph must hold: one at the first stage, none unpruned."""

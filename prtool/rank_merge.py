@@ -27,9 +27,6 @@ from prtool.errors import PrtoolError
 from prtool.merge import MERGE_OPS, expanded_mask, fuse, merge_into, most_similar, proportional_attention
 from prtool.pruned import PrunedVisionTransformer, gather_tokens
 
-# Method name -> the ranker behind it. ``patch-ranking-merge`` is the exportable method.
-MERGE_METHODS = {"patch-ranking-merge": "predictor", "cls-attn-merge": "cls-attn", "random-merge": "random",
-                 "golden-merge": "golden"}
 TARGETS = ("fused", "tokens", "keys")
 ATTENTIONS = ("explicit", "sdpa", "mask", "none")
 
@@ -59,8 +56,6 @@ class RankMergeVisionTransformer(PrunedVisionTransformer):
     ``merge_op`` how the size-weighted sums are formed (``onehot`` matmul or ``scatter`` add).
     """
 
-    method = "rank-merge"
-
     def __init__(self, visual, schedule, scorer=None, gather: str = "flat", normalize: bool = False,
                  return_indices: bool = False, visual_prompts=None, target: str = "fused",
                  attention: str = "explicit", merge_op: str = "onehot"):
@@ -73,6 +68,11 @@ class RankMergeVisionTransformer(PrunedVisionTransformer):
         if target == "fused" and min(schedule.keep, default=2) < 2:
             raise PrtoolError("target fused keeps k - 1 patches plus one fused token: every stage must keep >= 2")
         self.target, self.attention, self.merge_op = target, attention, merge_op
+
+    @classmethod
+    def from_spec(cls, visual, spec, scorer, **kw):
+        """As the base class, with the spec's merge design (``target``, ``attention``, ``merge_op``)."""
+        return cls(visual, spec.schedule, scorer, gather=spec.gather, **kw, **(spec.merge or {}))
 
     def rank(self, x: torch.Tensor, block_index: int, patch_scores=None) -> tuple[torch.Tensor, torch.Tensor]:
         """One ``TopK(N, sorted)`` of the scores: ``x`` with its patches in ranked order, and the order ``[B, N]``."""

@@ -1,4 +1,4 @@
-"""Patch scorers: who decides which patch tokens survive the first pruning stage.
+"""Patch scorers (the rankers): who orders the patch tokens at the first pruning stage.
 
 A scorer sees the full sequence entering the first stage block, ``x`` ``[B, T, D]`` with
 ``num_prefix`` protected tokens in front (CLS, learnable visual tokens), and the block itself;
@@ -9,23 +9,36 @@ kept. Scorers hold no per-forward state, so the exported graph is a pure functio
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import torch
 from torch import nn
 
 from prtool.errors import PrtoolError
-from prtool.predictor import RankingPredictor
+from prtool.predictor import RankingPredictor, check_predictor_fits, load_predictor, untrained_predictor
 
 
 class PatchScorer(nn.Module):
-    """Interface: ``forward(x, num_prefix, block) -> [B, N]`` scores."""
+    """Interface: ``forward(x, num_prefix, block) -> [B, N]`` scores. Export rules and needs are the
+    ranker's entry in ``prtool.methods.RANKERS``."""
 
     name = "scorer"
-    exportable = True
-    why_not_exportable = ""
+
+    @classmethod
+    def from_spec(cls, loaded, spec) -> tuple[PatchScorer, dict | None]:
+        """The scorer an ``EncoderSpec`` asks for, and its checkpoint metadata (None without one)."""
+        return cls(), None
 
     def forward(self, x: torch.Tensor, num_prefix: int, block: nn.Module) -> torch.Tensor:  # pragma: no cover
         raise NotImplementedError
+
+    def macs(self, encoder) -> int:
+        """MACs per image spent scoring in ``encoder`` (``prtool.flops``)."""
+        return 0
+
+    def image_scores(self, loaded, dataset, rankings: Path | None, rank_block: int):
+        """Oracle rankers: ``(pixels, rows) -> [b, N]`` scores per evaluated image; None for the others."""
+        return None
 
 
 class PredictorScorer(PatchScorer):
@@ -37,8 +50,23 @@ class PredictorScorer(PatchScorer):
         super().__init__()
         self.predictor = predictor
 
+    @classmethod
+    def from_spec(cls, loaded, spec):
+        v = loaded.visual
+        n, width = v.grid_size[0] * v.grid_size[1], v.class_embedding.shape[0]
+        if spec.predictor_path is None:
+            # An untrained predictor: a valid graph for export and speed work, not for accuracy.
+            return cls(untrained_predictor(n, width)), None
+        predictor, meta = load_predictor(spec.predictor_path)
+        check_predictor_fits(meta, loaded.model_id, spec.schedule.first_block, n, width, spec.predictor_path,
+                             spec.allow_other_weights)
+        return cls(predictor), meta
+
     def forward(self, x, num_prefix, block):
         return self.predictor(x[:, num_prefix:])
+
+    def macs(self, encoder) -> int:
+        return self.predictor.macs()
 
 
 def cls_attention(x: torch.Tensor, block: nn.Module, num_prefix: int) -> torch.Tensor:
@@ -72,18 +100,24 @@ class ClsAttentionScorer(PatchScorer):
     def forward(self, x, num_prefix, block):
         return cls_attention(x, block, num_prefix)
 
+    def macs(self, encoder) -> int:
+        n, width = encoder.schedule.num_patches + encoder.num_prefix, encoder.width
+        return 2 * n * width * width + n * width  # ln_1 + q/k projections + scores
+
 
 class RandomScorer(PatchScorer):
     """Uniform random scores from a seeded generator (a baseline; evaluation only)."""
 
     name = "random"
-    exportable = False
-    why_not_exportable = "random keep is a PyTorch-only baseline (ONNX random ops are not reproducible across runtimes)"
 
     def __init__(self, seed: int = 0):
         super().__init__()
         self.seed = seed
         self._gen = torch.Generator().manual_seed(seed)
+
+    @classmethod
+    def from_spec(cls, loaded, spec):
+        return cls(spec.seed), None
 
     def forward(self, x, num_prefix, block):
         n = x.shape[1] - num_prefix
@@ -91,27 +125,70 @@ class RandomScorer(PatchScorer):
 
 
 class GoldenScorer(PatchScorer):
-    """The golden-ranking oracle: scores come from a rankings store, per image, at evaluation time.
-
-    The encoder receives them as ``forward(pixels, patch_scores=...)``; called without them it fails.
-    """
+    """The golden-ranking oracle: scores come from a rankings store, per image, at evaluation time
+    (:meth:`image_scores`); the encoder receives them as ``forward(pixels, patch_scores=...)``."""
 
     name = "golden"
-    exportable = False
-    why_not_exportable = "the golden ranking is an oracle computed per image offline; export a trained predictor"
 
     def forward(self, x, num_prefix, block):
         raise PrtoolError("the golden scorer needs per-image rankings (prtool eval --scorer golden --rankings DIR)")
 
+    def image_scores(self, loaded, dataset, rankings, rank_block):
+        if rankings is None:
+            raise PrtoolError("--scorer golden needs --rankings DIR (a store made by `prtool rank`)")
+        return golden_scores_for(dataset, rankings, loaded, rank_block)
 
-class BrightnessScorer(GoldenScorer):
+
+class BrightnessScorer(PatchScorer):
     """Keep the brightest patches: a pixel-level heuristic the testbed must defeat (evaluation only)."""
 
     name = "brightness"
-    why_not_exportable = "brightness is an evaluation heuristic computed from pixels, not a deployable scorer"
 
     def forward(self, x, num_prefix, block):
-        raise PrtoolError("the brightness heuristic is computed from pixels in evaluation (prtool eval --scorer brightness)")
+        raise PrtoolError("the brightness heuristic is computed from pixels in evaluation "
+                          "(prtool eval --scorer brightness)")
+
+    def image_scores(self, loaded, dataset, rankings, rank_block):
+        return brightness_scores_for(loaded)
 
 
-SCORERS = ("predictor", "cls-attn", "random", "golden", "brightness")
+def golden_scores_for(dataset, rankings: Path, loaded, rank_block: int):
+    """``(pixels, rows) -> [b, N]`` oracle patch scores from a rankings store (higher = ranked earlier)."""
+    from prtool.rank_store import load_store
+
+    store = load_store(rankings)
+    idx = store.index
+    if idx["rank_block"] != rank_block:
+        raise PrtoolError(f"rankings {rankings} were computed at block {idx['rank_block']}, but the schedule's first "
+                          f"stage is block {rank_block}: use a schedule starting at block {idx['rank_block']}")
+    if idx["model_id"].get("checkpoint_sha256") != loaded.model_id.get("checkpoint_sha256") or \
+            idx["model_id"].get("model") != loaded.name:
+        raise PrtoolError(f"rankings {rankings} were computed for {idx['model_id']}, not {loaded.model_id}")
+    where = store.row_of()
+    n = store.rankings.shape[1]
+    position_score = torch.arange(n, 0, -1, dtype=torch.float32)  # first in the ranking -> highest score
+
+    def scores_for(pixels, rows) -> torch.Tensor:
+        out = torch.empty(len(rows), n)
+        for j, r in enumerate(rows):
+            sid = dataset.sample_id(r)
+            if sid not in where:
+                raise PrtoolError(f"rankings {rankings} have no ranking for {sid}: rank this dataset/split first")
+            out[j, torch.from_numpy(store.rankings[where[sid]])] = position_score
+        return out
+
+    return scores_for
+
+
+def brightness_scores_for(loaded):
+    """``(pixels, rows) -> [b, N]``: mean intensity of each patch (a naive saliency heuristic)."""
+    pre = loaded.preprocess
+    mean = torch.tensor(pre["mean"]).view(1, 3, 1, 1)
+    std = torch.tensor(pre["std"]).view(1, 3, 1, 1)
+    patch = loaded.visual.conv1.kernel_size[0]
+
+    def scores_for(pixels, rows) -> torch.Tensor:
+        raw = (pixels * std + mean).mean(1, keepdim=True)  # [b, 1, H, W] in 0..1
+        return torch.nn.functional.avg_pool2d(raw, patch).flatten(1)
+
+    return scores_for

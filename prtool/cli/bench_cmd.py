@@ -9,6 +9,7 @@ import typer
 
 from prtool.cli import options as o
 from prtool.cli.common import check_inputs, check_output, check_schedule_syntax, dataset_note, emit, setup, table
+from prtool.methods import help_names
 
 app = typer.Typer(help="Benchmarks: accuracy of pruning methods at equal cost.", no_args_is_help=True)
 
@@ -28,7 +29,8 @@ def accuracy(
                                                          "--stages/--first-block.")] = None,
     stages: o.Stages = 1,
     first_block: o.FirstBlock = None,
-    methods: Annotated[str, typer.Option("--methods", help="Comma-separated: none, patch-ranking, golden, random, cls-attn, evit, tome, brightness, patch-ranking-merge, golden-merge, random-merge, cls-attn-merge.")] = "none,patch-ranking,random,cls-attn,evit,tome",
+    methods: Annotated[str, typer.Option("--methods", help=f"Comma-separated: {help_names('accuracy')}.")
+                       ] = "none,patch-ranking,random,cls-attn,evit,tome",
     predictor: o.PredictorPath = None,
     rankings: Annotated[Path | None, typer.Option("--rankings", "-r",
                                                   help="Rankings store of the evaluated split (for golden).")] = None,
@@ -97,7 +99,8 @@ def speed(
     stages: o.Stages = 1,
     first_block: o.FirstBlock = None,
     predictor: o.PredictorPath = None,
-    variants: Annotated[str, typer.Option("--variants", help="Comma-separated: baseline, patch-ranking, static, cls-attn, evit, tome, patch-ranking-merge, cls-attn-merge.")] = "baseline,patch-ranking,static,evit,tome",
+    variants: Annotated[str, typer.Option("--variants", help=f"Comma-separated: {help_names('speed')}.")
+                        ] = "baseline,patch-ranking,static,evit,tome",
     backends: Annotated[str, typer.Option("--backends", help="Comma-separated: torch, onnxruntime (GPU: onnxruntime-cuda, tensorrt).")] = "onnxruntime",
     batch_sizes: Annotated[str, typer.Option("--batch-sizes", help="Comma-separated batch sizes.")] = "1,8,32",
     warmup: Annotated[int, typer.Option("--warmup")] = 3,
@@ -209,7 +212,8 @@ def pareto(
     budgets: Annotated[str, typer.Option("--budgets", help="Comma-separated STAGESxKEEP (patches kept, or a % "
                                          "of them).")] = "4x136,4x118,4x96,4x76,4x56,1x60%,1x50%",
     first_block: o.FirstBlock = None,
-    methods: Annotated[str, typer.Option("--methods", help="Comma-separated: none, patch-ranking, patch-ranking-merge, tome, evit, random-merge, golden-merge, cls-attn-merge, cls-attn.")] = "none,patch-ranking,patch-ranking-merge,tome,evit,random-merge",
+    methods: Annotated[str, typer.Option("--methods", help=f"Comma-separated: {help_names('pareto')}.")
+                       ] = "none,patch-ranking,patch-ranking-merge,tome,evit,random-merge",
     predictor: o.PredictorPath = None,
     rankings: Annotated[Path | None, typer.Option("--rankings", "-r", help="Rankings store of the evaluated "
                                                   "split (for golden-merge).")] = None,

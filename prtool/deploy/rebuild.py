@@ -97,8 +97,9 @@ def rebuild_encoder(manifest: dict, pretrained: str | None = None, predictor: Pa
                     tokens: Path | None = None) -> Rebuilt:
     """The fp32 PyTorch encoder described by an ONNX manifest (``pretrained``/``predictor``/``tokens``
     override paths), with its visual tokens and classifier head."""
-    from prtool.build import EncoderSpec, build_pruned_encoder, ranker_of, schedule_for
+    from prtool.build import EncoderSpec, build_pruned_encoder, schedule_for
     from prtool.export import WithClassifier
+    from prtool.methods import ranker_of
     from prtool.models import load_clip
 
     if not isinstance(manifest, dict) or manifest.get("kind") != ONNX_KIND:
