@@ -169,16 +169,14 @@ def test_explicit_flags_beat_the_recipe(capsys, vitb16, tmp_path):
 
 
 def test_recipes_parse_and_fit_their_models():
-    import inspect
-
     import open_clip
 
-    from prtool.cli import deploy_cmd, export_cmd
-    from prtool.recipes import read_recipe
+    from prtool.deploy.build_request import BuildRequest
+    from prtool.export_request import ExportRequest
+    from prtool.recipes import read_recipe, recipe_keys
     from prtool.schedule import parse_schedule
 
-    export_keys = set(inspect.signature(export_cmd.export).parameters) - {"ctx"}
-    build_keys = set(inspect.signature(deploy_cmd.build).parameters) - {"ctx"}
+    export_keys, build_keys = set(recipe_keys(ExportRequest)), set(recipe_keys(BuildRequest))
     recipes = sorted(RECIPES.glob("*.toml"))
     assert {r.stem for r in recipes} >= {"vit-b-16-4x20-fp16", "vit-b-32-4x5-fp16", "vit-l-14-4x26-fp16"}
     for path in recipes:
