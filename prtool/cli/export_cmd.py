@@ -12,6 +12,28 @@ from prtool.cli.common import check_inputs, check_output, check_schedule_syntax,
 from prtool.export_request import ExportRequest
 from prtool.recipes import options_from
 
+Opt = typer.Option
+Out = Annotated[Path, Opt("--out", "-o", help="Output .onnx path (the manifest goes beside it as .json).")]
+Opset = Annotated[int, Opt("--opset", help="ONNX opset (>= 17).")]
+Exporter = Annotated[str, Opt("--exporter", help="torchscript or dynamo.")]
+Gather = Annotated[str, Opt("--gather", help="flat (Gather + offsets), elements (GatherElements) or nd (GatherND).")]
+NoNormalize = Annotated[bool, Opt("--no-normalize", help="Do not L2-normalize image_embeds.")]
+WithKeptIndices = Annotated[bool, Opt("--with-kept-indices", help="Add the kept_patch_indices output.")]
+NoPrune = Annotated[bool, Opt("--no-prune", help="Export the unpruned baseline with the same I/O contract.")]
+NoValidate = Annotated[bool, Opt("--no-validate", help="Skip validation against PyTorch.")]
+AllowFailedValidation = Annotated[bool, Opt(
+    "--allow-failed-validation", help="Keep the files even if validation fails (exit 0).")]
+Images = Annotated[Path | None, Opt(
+    "--images", help="Folder of real images to validate on (default: shipped testbed eval images).")]
+Atol = Annotated[float | None, Opt("--atol", help="Absolute tolerance on image_embeds.")]
+Rtol = Annotated[float | None, Opt("--rtol", help="Relative tolerance on image_embeds.")]
+Tokens = Annotated[Path | None, Opt("--tokens", help="Learned tokens from `prtool tune`: visual tokens are baked in.")]
+Classifier = Annotated[bool, Opt(
+    "--classifier", help="Add a logits output (class text embeddings baked in; from --tokens or --data).")]
+Data = Annotated[str | None, Opt("--data", "-d", help="Dataset whose class names make a zero-shot --classifier head.")]
+Recipe = Annotated[Path | None, Opt(
+    "--recipe", help="TOML recipe; its \\[export] table gives defaults for these options.")]
+
 D = ExportRequest()  # the defaults: one place, the dataclass
 
 
@@ -25,37 +47,23 @@ def export(
     first_block: o.FirstBlock = D.first_block,
     scorer: o.Scorer = D.scorer,
     predictor: o.PredictorPath = D.predictor,
-    out: Annotated[Path, typer.Option(
-        "--out", "-o", help="Output .onnx path (the manifest goes beside it as .json).")] = D.out,
-    opset: Annotated[int, typer.Option("--opset", help="ONNX opset (>= 17).")] = D.opset,
-    exporter: Annotated[str, typer.Option("--exporter", help="torchscript or dynamo.")] = D.exporter,
-    gather: Annotated[str, typer.Option(
-        "--gather", help="flat (Gather + offsets), elements (GatherElements) or nd (GatherND).")] = D.gather,
-    no_normalize: Annotated[bool, typer.Option(
-        "--no-normalize", help="Do not L2-normalize image_embeds.")] = D.no_normalize,
-    with_kept_indices: Annotated[bool, typer.Option(
-        "--with-kept-indices", help="Add the kept_patch_indices output.")] = D.with_kept_indices,
-    no_prune: Annotated[bool, typer.Option(
-        "--no-prune", help="Export the unpruned baseline with the same I/O contract.")] = D.no_prune,
-    no_validate: Annotated[bool, typer.Option(
-        "--no-validate", help="Skip validation against PyTorch.")] = D.no_validate,
-    allow_failed_validation: Annotated[bool, typer.Option(
-        "--allow-failed-validation", help="Keep the files even if validation fails (exit 0).")
-    ] = D.allow_failed_validation,
-    images: Annotated[Path | None, typer.Option(
-        "--images", help="Folder of real images to validate on (default: shipped testbed eval images).")] = D.images,
+    out: Out = D.out,
+    opset: Opset = D.opset,
+    exporter: Exporter = D.exporter,
+    gather: Gather = D.gather,
+    no_normalize: NoNormalize = D.no_normalize,
+    with_kept_indices: WithKeptIndices = D.with_kept_indices,
+    no_prune: NoPrune = D.no_prune,
+    no_validate: NoValidate = D.no_validate,
+    allow_failed_validation: AllowFailedValidation = D.allow_failed_validation,
+    images: Images = D.images,
     batch_size: o.BatchSize = D.batch_size,
-    atol: Annotated[float | None, typer.Option("--atol", help="Absolute tolerance on image_embeds.")] = D.atol,
-    rtol: Annotated[float | None, typer.Option("--rtol", help="Relative tolerance on image_embeds.")] = D.rtol,
-    tokens: Annotated[Path | None, typer.Option(
-        "--tokens", help="Learned tokens from `prtool tune`: visual tokens are baked in.")] = D.tokens,
-    classifier: Annotated[bool, typer.Option(
-        "--classifier", help="Add a logits output (class text embeddings baked in; from --tokens or --data).")
-    ] = D.classifier,
-    data: Annotated[str | None, typer.Option(
-        "--data", "-d", help="Dataset whose class names make a zero-shot --classifier head.")] = D.data,
-    recipe: Annotated[Path | None, typer.Option(
-        "--recipe", help="TOML recipe; its \\[export] table gives defaults for these options.")] = None,
+    atol: Atol = D.atol,
+    rtol: Rtol = D.rtol,
+    tokens: Tokens = D.tokens,
+    classifier: Classifier = D.classifier,
+    data: Data = D.data,
+    recipe: Recipe = None,
     allow_other_weights: o.AllowOtherWeights = D.allow_other_weights,
     as_json: o.Json = False,
     quiet: o.Quiet = False,
