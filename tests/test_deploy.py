@@ -229,7 +229,8 @@ def test_build_without_tensorrt_names_the_fix(capsys, vitb16):
 
 def test_deploy_modules_import_no_backend():
     code = ("import sys, prtool.cli.deploy_cmd, prtool.deploy.trt, prtool.deploy.ort_gpu, prtool.deploy.triton, "
-            "prtool.deploy.compat, prtool.deploy.verify, prtool.deploy.contract\n"
+            "prtool.deploy.compat, prtool.deploy.verify, prtool.deploy.contract, prtool.deploy.docgen, "
+            "prtool.deploy.build_request\n"
             "print(sorted(m for m in ('tensorrt', 'cv2', 'onnxruntime', 'polygraphy') if m in sys.modules))")
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
                          cwd=Path(__file__).parents[1])
