@@ -41,10 +41,10 @@ def recipe_keys(cls) -> list[str]:
 
 def _coerce(recipe: Path, section: str, field: dataclasses.Field, value):
     """A recipe value as the field holds it (paths as ``Path``), refusing a value of the wrong kind."""
-    default = field.default
-    kind = type(default) if default is not None and default is not dataclasses.MISSING else None
-    if kind is bool and not isinstance(value, bool) or kind in (int, float) and (
-            isinstance(value, bool) or not isinstance(value, (int, float) if kind is float else int)):
+    kind = type(field.default) if field.default not in (None, dataclasses.MISSING) else None
+    accepted = {bool: (bool,), int: (int,), float: (int, float), str: (str,)}.get(kind)
+    wrong_bool = isinstance(value, bool) and kind in (int, float)  # TOML's true is no number here
+    if accepted is not None and (not isinstance(value, accepted) or wrong_bool):
         raise PrtoolError(f"recipe {recipe} [{section}] {field.name} = {value!r} must be of type {kind.__name__}")
     if "Path" in str(field.type) and isinstance(value, str):
         return Path(value)

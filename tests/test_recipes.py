@@ -133,6 +133,7 @@ def test_every_build_recipe_key_takes_effect(capsys, artifacts, tmp_path, key): 
     ("export", "export", {"quiet": True}, "unknown keys ['quiet']"),  # output modes are flags, not recipe keys
     ("export", "export", {"batch_size": "3"}, "batch_size = '3' must be of type int"),
     ("export", "export", {"no_prune": 1}, "no_prune = 1 must be of type bool"),
+    ("export", "export", {"gather": 3}, "gather = 3 must be of type str"),
     ("build", "build", {"onnx": "x.onnx"}, "unknown keys ['onnx']"),  # the positional argument
     ("build", "build", {"precison": "fp16"}, "unknown keys ['precison']"),
 ])
