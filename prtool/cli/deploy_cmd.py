@@ -64,17 +64,20 @@ def build(
 
     if not req.dry_run:
         check_output(req.engine)
-    result = run_build(req)
+    _print_build(run_build(req), req.onnx, as_json, quiet)
+
+
+def _print_build(result: dict, src: Path, as_json: bool, quiet: bool) -> None:
+    """The result of a mixed-precision write, a dry run or a build: a line, a table or JSON."""
     if quiet and not as_json:
         print(result["mixed_onnx"] if "mixed_onnx" in result else result["trtexec"] if "dry_run" in result
               else result["engine"])
-        return
-    if "mixed_onnx" in result:
+    elif "mixed_onnx" in result:
         emit(result, as_json, lambda r: print(
             f"wrote {r['mixed_onnx']} and {r['manifest']} ({r['type']}; {', '.join(r['fp32_op_types'])} and "
             f"{r['fp32_nodes']} scoring/index nodes in FP32; {r['converter']})"))
     elif "dry_run" in result:
-        emit(result, as_json, lambda r: _print_dry_run(r, req.onnx))
+        emit(result, as_json, lambda r: _print_dry_run(r, src))
     else:
         emit(result, as_json, lambda r: print(
             f"wrote {r['engine']} and {r['manifest']} (TensorRT {r['tensorrt']}, {r['gpu']['name']}, "

@@ -85,6 +85,10 @@ def export(
         else:
             print_checks(exc.report.checks, "export validation", stderr=True)
         raise
+    _print_export(summary, report, as_json, quiet)
+
+
+def _print_export(summary: dict, report, as_json: bool, quiet: bool) -> None:
     if quiet and not as_json:
         print(summary["onnx"])
         return
