@@ -59,7 +59,8 @@ def run_suite(path: Path, out: Path, only: str | None = None) -> None:
     if only in (None, "speed"):
         runs = suite.all_speed_runs
         for i, cfg in enumerate(runs):
-            label = cfg.label if cfg.label is not None else ("" if len(runs) == 1 else str(i))  # a run's `label` names its result files
+            # a run's `label` names its result files
+            label = cfg.label if cfg.label is not None else ("" if len(runs) == 1 else str(i))
             print(_speed(loaded, cfg, out, f"{suite.name}-speed{f'-{label}' if label else ''}-{env}"))
 
 
