@@ -26,9 +26,9 @@ from prtool.evaluate import evaluate_zero_shot, text_classifier
 from prtool.export import ExportOptions, export_onnx
 from prtool.flops import encoder_cost
 from prtool.io_names import PIXELS
-from prtool.manifest import write_json_atomic
 from prtool.methods import merged_variant
 from prtool.models import load_clip
+from prtool.reports import write_report
 from prtool.runtime import ort_session
 from prtool.testbed import spec as tbspec
 from prtool.testbed.spec import DEMO_KEEP_RATIO, DEMO_STAGES, demo_scorer
@@ -56,12 +56,8 @@ def demo_tokens(loaded, spec: EncoderSpec):
                   "extra_manifest": extras["manifest"]}
 
 
-def run_demo(out: Path, limit: int | None = None, latency_batch: int = 32, latency_iters: int = 20) -> dict:
-    t_start = time.perf_counter()
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    loaded = load_clip("testbed", "default")
-    schedule = schedule_for(loaded, keep_ratio=DEMO_KEEP_RATIO, stages=DEMO_STAGES)
+def demo_variants(loaded, schedule) -> tuple[dict, dict, str, Path | None]:
+    """``(specs, export extras, scorer, predictor)`` of the demo's exports, by variant name."""
     scorer, predictor = demo_scorer()
     specs = {"unpruned": EncoderSpec(schedule_for(loaded, "none")),
              "pruned": EncoderSpec(schedule, merged_variant(scorer).spec_name, predictor),  # rank-and-merge
@@ -72,11 +68,11 @@ def run_demo(out: Path, limit: int | None = None, latency_batch: int = 32, laten
     tuned = demo_tokens(loaded, EncoderSpec(schedule, scorer, predictor))
     if tuned is not None:
         specs["pruned+tokens"], extras["pruned+tokens"] = tuned
-    log.info("exporting %s (schedule %s, scorer %s)", ", ".join(specs), schedule.to_string(), scorer)
-    exports = {name: export_onnx(loaded, s, out / f"{name}.onnx", ExportOptions(), **extras[name])
-               for name, s in specs.items()}
+    return specs, extras, scorer, predictor
 
-    dataset = load_dataset("testbed", "test").limit(limit)
+
+def _score(loaded, dataset, specs: dict, exports: dict, extras: dict) -> dict:
+    """One row per export: zero-shot top-1 in onnxruntime, cost, validation."""
     class_emb = text_classifier(loaded, dataset)
     rows = {}
     for name, s in specs.items():
@@ -85,20 +81,39 @@ def run_demo(out: Path, limit: int | None = None, latency_batch: int = 32, laten
         enc, _ = build_pruned_encoder(loaded, s, visual_prompts=extras[name].get("visual_prompts"))
         rows[name] = {"schedule": s.schedule.to_string() or "none", "accuracy": acc, "cost": encoder_cost(enc),
                       "validation_passed": exports[name].report.passed, "onnx": str(exports[name].onnx_path)}
+    return rows
 
-    log.info("timing the exports side by side (batch %d, %d interleaved iterations)", latency_batch, latency_iters)
-    pixels, _, _ = dataset.load(range(min(latency_batch, len(dataset))), loaded.preprocess)
+
+def _time(loaded, dataset, exports: dict, rows: dict, batch: int, iters: int) -> dict:
+    """Latency of every export side by side; adds each row's measured and ideal speedup."""
+    log.info("timing the exports side by side (batch %d, %d interleaved iterations)", batch, iters)
+    pixels, _, _ = dataset.load(range(min(batch, len(dataset))), loaded.preprocess)
     feed = pixels.numpy().astype(np.float32)
     sessions = {name: ort_session(e.onnx_path) for name, e in exports.items()}
     lat = interleaved_latency({n: (lambda s=s: s.run(None, {PIXELS: feed})) for n, s in sessions.items()},
-                              warmup=3, iters=latency_iters)
+                              warmup=3, iters=iters)
     for name, row in rows.items():
         row["speedup_p50"] = lat["unpruned"]["p50_ms"] / lat[name]["p50_ms"]
         row["ideal_flop_speedup"] = rows["unpruned"]["cost"]["gmacs"] / row["cost"]["gmacs"]
+    return lat
+
+
+
+def run_demo(out: Path, limit: int | None = None, latency_batch: int = 32, latency_iters: int = 20) -> dict:
+    t_start = time.perf_counter()
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    loaded = load_clip("testbed", "default")
+    schedule = schedule_for(loaded, keep_ratio=DEMO_KEEP_RATIO, stages=DEMO_STAGES)
+    specs, extras, scorer, predictor = demo_variants(loaded, schedule)
+    log.info("exporting %s (schedule %s, scorer %s)", ", ".join(specs), schedule.to_string(), scorer)
+    exports = {name: export_onnx(loaded, s, out / f"{name}.onnx", ExportOptions(), **extras[name])
+               for name, s in specs.items()}
+    dataset = load_dataset("testbed", "test").limit(limit)
+    rows = _score(loaded, dataset, specs, exports, extras)
+    lat = _time(loaded, dataset, exports, rows, latency_batch, latency_iters)
     speedup, ideal = rows["pruned"]["speedup_p50"], rows["pruned"]["ideal_flop_speedup"]
-
     pictures = save_kept_patches(loaded, specs["pruned"], dataset, out / "kept_patches.png")
-
     report = {
         "model": loaded.model_id,
         "schedule": schedule.to_dict(),
@@ -112,8 +127,7 @@ def run_demo(out: Path, limit: int | None = None, latency_batch: int = 32, laten
         "pictures": str(pictures),
         "seconds": round(time.perf_counter() - t_start, 1),
     }
-    write_json_atomic(out / "report.json", report)
-    (out / "report.md").write_text(render_markdown(report))
+    write_report(out, "report", report, render_markdown(report))
     return report
 
 

@@ -174,16 +174,14 @@ def test_explicit_flags_beat_the_recipe(capsys, vitb16, tmp_path):
 
 
 def test_recipes_parse_and_fit_their_models():
-    import inspect
-
     import open_clip
 
-    from prtool.cli import deploy_cmd, export_cmd
-    from prtool.recipes import read_recipe
+    from prtool.deploy.build_request import BuildRequest
+    from prtool.export_request import ExportRequest
+    from prtool.recipes import read_recipe, recipe_keys
     from prtool.schedule import parse_schedule
 
-    export_keys = set(inspect.signature(export_cmd.export).parameters) - {"ctx"}
-    build_keys = set(inspect.signature(deploy_cmd.build).parameters) - {"ctx"}
+    export_keys, build_keys = set(recipe_keys(ExportRequest)), set(recipe_keys(BuildRequest))
     recipes = sorted(RECIPES.glob("*.toml"))
     assert {r.stem for r in recipes} >= {"vit-b-16-4x20-fp16", "vit-b-32-4x5-fp16", "vit-l-14-4x26-fp16"}
     for path in recipes:
@@ -236,7 +234,8 @@ def test_build_without_tensorrt_names_the_fix(capsys, vitb16):
 
 def test_deploy_modules_import_no_backend():
     code = ("import sys, prtool.cli.deploy_cmd, prtool.deploy.trt, prtool.deploy.ort_gpu, prtool.deploy.triton, "
-            "prtool.deploy.compat, prtool.deploy.verify, prtool.deploy.contract\n"
+            "prtool.deploy.compat, prtool.deploy.verify, prtool.deploy.contract, prtool.deploy.docgen, "
+            "prtool.deploy.build_request\n"
             "print(sorted(m for m in ('tensorrt', 'cv2', 'onnxruntime', 'polygraphy') if m in sys.modules))")
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
                          cwd=Path(__file__).parents[1])

@@ -40,9 +40,27 @@ def test_a_crashing_runtime_marks_its_cell(tmp_path):
     assert status == "error" and "nothing.npy" in detail
 
 
-def test_compat_script_rejects_unknown_runtimes(capsys):
-    assert compat.main(["--runtimes", "onnxruntime-cpu,tvm", "--out", "/nonexistent"]) == 1
-    assert "unknown runtimes ['tvm']" in capsys.readouterr().err
+def test_compat_script_rejects_unknown_runtimes(capsys, tmp_path):
+    from prtool.deploy.docgen import compat_main
+
+    assert compat_main(["--runtimes", "onnxruntime-cpu,tvm", "--out", str(tmp_path / "c")]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "unknown runtimes ['tvm']" in err and not (tmp_path / "c").exists()
+    with pytest.raises(PrtoolError, match="unknown runtimes"):  # the library refuses it too, before any work
+        compat.generate_compat(tmp_path / "c", runtimes=("tvm",))
+
+
+def test_doc_generators_keep_their_module_entry_points(tmp_path):
+    """`python -m prtool.deploy.compat|contract`, as the README and CONTRACT.md say, reach the thin entry points."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "prtool.deploy.compat", "--runtimes", "tvm", "--out", str(tmp_path)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1 and proc.stderr.startswith("prtool: error: unknown runtimes ['tvm']"), proc.stderr
+    proc = subprocess.run([sys.executable, "-m", "prtool.deploy.contract", "--help"], capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0 and "--update" in proc.stdout
 
 
 def test_worked_example_is_self_consistent(tmp_path):

@@ -52,8 +52,8 @@ def accuracy(
     from prtool.datasets import load_dataset
     from prtool.envinfo import collect_env
     from prtool.errors import PrtoolError
-    from prtool.manifest import write_json_atomic
     from prtool.models import load_clip
+    from prtool.reports import write_report
 
     loaded = load_clip(model, pretrained)
     dataset = load_dataset(data, split, image_root).limit(limit)
@@ -70,10 +70,7 @@ def accuracy(
                             predictor, rankings, [int(s) for s in seeds.split(",")], batch_size)
     result["environment"] = collect_env()
     result.update(dataset_note(dataset))
-    out.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(out / "accuracy.json", result)
-    (out / "accuracy.md").write_text(markdown_table(result))
-    plot_accuracy_vs_flops(result, out / "accuracy_vs_gflops.png")
+    write_report(out, "accuracy", result, markdown_table(result), plot_accuracy_vs_flops, "accuracy_vs_gflops.png")
     emit(result, as_json, lambda r: _accuracy_table(r, out))
 
 
@@ -123,8 +120,8 @@ def speed(
     check_inputs(predictor)
     from prtool.bench_speed import bench_speed, markdown_table
     from prtool.envinfo import collect_env
-    from prtool.manifest import write_json_atomic
     from prtool.models import load_clip
+    from prtool.reports import write_report
 
     loaded = load_clip(model, pretrained)
     out.mkdir(parents=True, exist_ok=True)
@@ -134,8 +131,7 @@ def speed(
                          [int(b) for b in batch_sizes.split(",")], predictor, warmup, iters, workdir=out,
                          device=device, precision=precision, cuda_graphs=cuda_graphs)
     result["environment"] = collect_env()
-    write_json_atomic(out / "speed.json", result)
-    (out / "speed.md").write_text(markdown_table(result))
+    write_report(out, "speed", result, markdown_table(result))
     for f in out.glob("*.onnx"):  # the exported variants were only needed for timing
         f.unlink()
         f.with_suffix(".json").unlink(missing_ok=True)
@@ -178,9 +174,9 @@ def prompts(
     from prtool.build import schedule_for
     from prtool.datasets import load_dataset
     from prtool.envinfo import collect_env
-    from prtool.manifest import write_json_atomic
     from prtool.models import load_clip
     from prtool.prompts import resolve_n_ctx
+    from prtool.reports import write_report
     from prtool.tune import TuneConfig
 
     loaded = load_clip(model, pretrained)
@@ -194,9 +190,7 @@ def prompts(
                              "batch_size": cfg.batch_size, "kg_weight": kg_weight, "init": cfg.init}
     result["environment"] = collect_env()
     result.update(dataset_note(train))
-    out.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(out / "prompts.json", result)
-    (out / "prompts.md").write_text(markdown_table(result))
+    write_report(out, "prompts", result, markdown_table(result))
     emit(result, as_json, lambda r: print(markdown_table(r) + f"\nreport in {out}/prompts.md"))
 
 
@@ -238,8 +232,8 @@ def pareto(
     from prtool.build import resolve_predictor
     from prtool.datasets import load_dataset
     from prtool.envinfo import collect_env
-    from prtool.manifest import write_json_atomic
     from prtool.models import load_clip
+    from prtool.reports import write_report
     if combine:
         result = bp.combine_results([bp.load_report(Path(f.strip())) for f in combine.split(",") if f.strip()])
     else:
@@ -254,8 +248,5 @@ def pareto(
                               workdir=out / "onnx")
         result["environment"] = collect_env()
         result.update(dataset_note(dataset))
-    out.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(out / "pareto.json", result)
-    (out / "pareto.md").write_text(bp.markdown_table(result))
-    bp.plot_pareto(result, out / "pareto.png")
+    write_report(out, "pareto", result, bp.markdown_table(result), bp.plot_pareto)
     emit(result, as_json, lambda r: print(bp.markdown_table(r) + f"\nreport in {out}/pareto.md, plot {out}/pareto.png"))

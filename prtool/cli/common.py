@@ -50,7 +50,7 @@ def table(title: str | None, columns: Sequence[str], rows: Sequence[Sequence[obj
         t.add_column(str(c))
     for r in rows:
         t.add_row(*[fmt(v) for v in r])
-    Console(stderr=stderr, width=max(100, 0)).print(t)
+    Console(stderr=stderr, width=100).print(t)
 
 
 def fmt(v) -> str:

@@ -9,109 +9,97 @@ import typer
 
 from prtool.cli import options as o
 from prtool.cli.common import check_inputs, check_output, emit, failed_validation_shown, print_checks, setup, table
+from prtool.deploy.build_request import BuildRequest
+from prtool.recipes import options_from
 
-Recipe = Annotated[Path | None, typer.Option("--recipe", help="TOML recipe; its \\[build] table gives defaults for these options.")]
+Recipe = Annotated[Path | None, typer.Option(
+    "--recipe", help="TOML recipe; its \\[build] table gives defaults for these options.")]
+
+
+B = BuildRequest()  # the defaults: one place, the dataclass
 
 
 def build(
     ctx: typer.Context,
     onnx: Annotated[Path, typer.Argument(help="The .onnx to build from (its manifest beside it is recorded).")],
-    out: Annotated[Path | None, typer.Option("--out", "-o", help="Engine path (.plan); the manifest goes beside it as .plan.json. Default: the ONNX path with .plan.")] = None,
-    precision: Annotated[str | None, typer.Option("--precision", help="fp32, fp16, bf16, or best (TensorRT 10 weak typing: fp16+bf16, no int8). Default fp16; on TensorRT 11 (or 10 --strongly-typed) fp16/bf16 build from a mixed-precision ONNX prtool writes.")] = None,
-    min_batch: Annotated[int, typer.Option("--min-batch", help="Smallest batch of the optimization profile.")] = 1,
-    opt_batch: Annotated[int, typer.Option("--opt-batch", help="Batch TensorRT tunes for.")] = 8,
-    max_batch: Annotated[int, typer.Option("--max-batch", help="Largest batch of the optimization profile.")] = 32,
-    timing_cache: Annotated[Path | None, typer.Option("--timing-cache", help="Timing cache file, read if present and updated.")] = None,
-    strongly_typed: Annotated[bool, typer.Option("--strongly-typed", help="TensorRT 10: strongly typed network (always so on 11); fp16/bf16 then come from the mixed-precision ONNX.")] = False,
-    trt_version: Annotated[int | None, typer.Option("--trt-version", help="TensorRT major to build for: 11 or 10 (default: the installed one, else 11).")] = None,
-    mixed_onnx_only: Annotated[bool, typer.Option("--mixed-onnx-only", help="Write the mixed-precision ONNX TensorRT would build (fp16/bf16) and stop; no TensorRT needed.")] = False,
-    no_fp32_norm: Annotated[bool, typer.Option("--no-fp32-norm", help="Let LayerNorm/Softmax run in FP16/BF16 too (risks overflow).")] = False,
-    workspace: Annotated[int | None, typer.Option("--workspace", help="Workspace memory pool limit in MiB (default: TensorRT's).")] = None,
-    dry_run: Annotated[bool, typer.Option("--dry-run", help="Resolve and print the configuration and the trtexec command; build nothing (no TensorRT needed).")] = False,
+    out: Annotated[Path | None, typer.Option(
+        "--out", "-o", help="Engine path (.plan); the manifest goes beside it as .plan.json. "
+                            "Default: the ONNX path with .plan.")] = B.out,
+    precision: Annotated[str | None, typer.Option(
+        "--precision", help="fp32, fp16, bf16, or best (TensorRT 10 weak typing: fp16+bf16, no int8). Default fp16; "
+                            "on TensorRT 11 (or 10 --strongly-typed) fp16/bf16 build from a mixed-precision ONNX "
+                            "prtool writes.")] = B.precision,
+    min_batch: Annotated[int, typer.Option(
+        "--min-batch", help="Smallest batch of the optimization profile.")] = B.min_batch,
+    opt_batch: Annotated[int, typer.Option("--opt-batch", help="Batch TensorRT tunes for.")] = B.opt_batch,
+    max_batch: Annotated[int, typer.Option(
+        "--max-batch", help="Largest batch of the optimization profile.")] = B.max_batch,
+    timing_cache: Annotated[Path | None, typer.Option(
+        "--timing-cache", help="Timing cache file, read if present and updated.")] = B.timing_cache,
+    strongly_typed: Annotated[bool, typer.Option(
+        "--strongly-typed", help="TensorRT 10: strongly typed network (always so on 11); fp16/bf16 then come from "
+                                 "the mixed-precision ONNX.")] = B.strongly_typed,
+    trt_version: Annotated[int | None, typer.Option(
+        "--trt-version", help="TensorRT major to build for: 11 or 10 (default: the installed one, else 11).")
+    ] = B.trt_version,
+    mixed_onnx_only: Annotated[bool, typer.Option(
+        "--mixed-onnx-only", help="Write the mixed-precision ONNX TensorRT would build (fp16/bf16) and stop; "
+                                  "no TensorRT needed.")] = B.mixed_onnx_only,
+    no_fp32_norm: Annotated[bool, typer.Option(
+        "--no-fp32-norm", help="Let LayerNorm/Softmax run in FP16/BF16 too (risks overflow).")] = B.no_fp32_norm,
+    workspace: Annotated[int | None, typer.Option(
+        "--workspace", help="Workspace memory pool limit in MiB (default: TensorRT's).")] = B.workspace,
+    dry_run: Annotated[bool, typer.Option(
+        "--dry-run", help="Resolve and print the configuration and the trtexec command; build nothing "
+                          "(no TensorRT needed).")] = B.dry_run,
     recipe: Recipe = None,
     as_json: o.Json = False,
     quiet: o.Quiet = False,
     verbose: o.Verbose = False,
 ):
     """Build a TensorRT engine (+ manifest) from an exported ONNX file, or print its configuration."""
-    params = dict(locals())  # before any import below, so a recipe can name only these options
+    req = options_from(BuildRequest, ctx, dict(locals()), recipe, "build")
     setup(quiet, verbose)
-    from prtool.deploy.build_config import resolve_build_config, shell_command, trtexec_command
-    from prtool.deploy.engine_manifest import ENGINE_SUFFIXES, engine_manifest_path
-    from prtool.errors import PrtoolError
-    from prtool.recipes import apply_recipe
+    from prtool.deploy.build_request import run_build
 
-    v = apply_recipe(recipe, ctx, params, section="build")
-    src = Path(v["onnx"])
-    engine = Path(v["out"]) if v["out"] else src.with_suffix(".plan")
-    if engine.suffix not in ENGINE_SUFFIXES:
-        raise PrtoolError(f"engine path {engine} must end in {' or '.join(ENGINE_SUFFIXES)}")
-    if not dry_run:
-        check_output(engine)
-    cfg = resolve_build_config(src, v["precision"], v["min_batch"], v["opt_batch"], v["max_batch"], v["strongly_typed"],
-                               not v["no_fp32_norm"], v["workspace"],
-                               Path(v["timing_cache"]) if v["timing_cache"] else None, v["trt_version"], engine)
-    cmd = trtexec_command(cfg, engine)
-    if mixed_onnx_only:
-        _write_mixed_only(cfg, as_json, quiet)
-        return
-    if dry_run:
-        from prtool.onnx_graph import load_onnx, trt_readiness
+    if not req.dry_run:
+        check_output(req.engine)
+    _print_build(run_build(req), req.onnx, as_json, quiet)
 
-        result = {"dry_run": True, "engine": str(engine), "manifest": str(engine_manifest_path(engine)),
-                  "config": cfg.to_dict(), "trtexec": shell_command(cmd), "trtexec_argv": cmd,
-                  "tensorrt_readiness": trt_readiness(load_onnx(src))}
-        if quiet and not as_json:
-            print(result["trtexec"])
-            return
 
-        def human(r):
-            c = r["config"]
-            table(f"engine build for {src} (dry run)", ["setting", "value"], [
-                ("engine", r["engine"]), ("TensorRT major", c["tensorrt_major"]), ("precision", c["precision"]),
-                ("ONNX TensorRT parses", c["mixed_onnx"] or c["onnx"]),
-                ("builder flags", ", ".join(c["builder_flags"]) or "-"),
-                ("TF32", c["tf32"]), ("strongly typed", c["strongly_typed"]),
-                ("LayerNorm/Softmax in FP32", c["fp32_norm"]), ("profile min", c["profile"]["min"]),
-                ("profile opt", c["profile"]["opt"]), ("profile max", c["profile"]["max"]),
-                ("workspace MiB", c["workspace_mib"]), ("timing cache", c["timing_cache"])])
-            print_checks(r["tensorrt_readiness"]["checks"], f"TensorRT {c['tensorrt_major']} readiness (checked without TensorRT)")
-            for note in c["notes"]:
-                print(f"note: {note}")
-            print("equivalent trtexec command:")
-            print(r["trtexec"])
-
-        emit(result, as_json, human)
-        return
-    from prtool.deploy.trt import build_engine
-
-    manifest = build_engine(cfg, engine)
-    result = {"engine": str(engine), "manifest": str(engine_manifest_path(engine)), "tensorrt": manifest["tensorrt"],
-              "gpu": manifest["gpu"], "precision": manifest["precision"], "profile": manifest["profile"],
-              "build_seconds": manifest["build"]["seconds"], "trtexec": shell_command(cmd)}
+def _print_build(result: dict, src: Path, as_json: bool, quiet: bool) -> None:
+    """The result of a mixed-precision write, a dry run or a build: a line, a table or JSON."""
     if quiet and not as_json:
-        print(engine)
-        return
-    emit(result, as_json, lambda r: print(
-        f"wrote {r['engine']} and {r['manifest']} (TensorRT {r['tensorrt']}, {r['gpu']['name']}, {r['precision']}, "
-        f"batch {r['profile']['min'][0]}..{r['profile']['max'][0]}, {r['build_seconds']} s)"))
+        print(result["mixed_onnx"] if "mixed_onnx" in result else result["trtexec"] if "dry_run" in result
+              else result["engine"])
+    elif "mixed_onnx" in result:
+        emit(result, as_json, lambda r: print(
+            f"wrote {r['mixed_onnx']} and {r['manifest']} ({r['type']}; {', '.join(r['fp32_op_types'])} and "
+            f"{r['fp32_nodes']} scoring/index nodes in FP32; {r['converter']})"))
+    elif "dry_run" in result:
+        emit(result, as_json, lambda r: _print_dry_run(r, src))
+    else:
+        emit(result, as_json, lambda r: print(
+            f"wrote {r['engine']} and {r['manifest']} (TensorRT {r['tensorrt']}, {r['gpu']['name']}, "
+            f"{r['precision']}, batch {r['profile']['min'][0]}..{r['profile']['max'][0]}, {r['build_seconds']} s)"))
 
 
-def _write_mixed_only(cfg, as_json: bool, quiet: bool) -> None:
-    from prtool.deploy.mixed_precision import write_mixed_onnx
-    from prtool.errors import PrtoolError
-
-    if cfg.mixed_onnx is None:
-        raise PrtoolError(f"no mixed-precision ONNX for precision {cfg.precision} on TensorRT {cfg.trt_major}: "
-                          "--mixed-onnx-only needs --precision fp16/bf16 (TensorRT 11, or 10 with --strongly-typed)")
-    record = write_mixed_onnx(cfg.onnx, cfg.mixed_onnx, cfg.precision, cfg.fp32_norm)
-    result = {"mixed_onnx": str(cfg.mixed_onnx), "manifest": str(cfg.mixed_onnx.with_suffix(".json")), **record}
-    if quiet and not as_json:
-        print(cfg.mixed_onnx)
-        return
-    emit(result, as_json, lambda r: print(
-        f"wrote {r['mixed_onnx']} and {r['manifest']} ({r['type']}; {', '.join(r['fp32_op_types'])} and "
-        f"{r['fp32_nodes']} scoring/index nodes in FP32; {r['converter']})"))
+def _print_dry_run(r: dict, src: Path) -> None:
+    c = r["config"]
+    table(f"engine build for {src} (dry run)", ["setting", "value"], [
+        ("engine", r["engine"]), ("TensorRT major", c["tensorrt_major"]), ("precision", c["precision"]),
+        ("ONNX TensorRT parses", c["mixed_onnx"] or c["onnx"]),
+        ("builder flags", ", ".join(c["builder_flags"]) or "-"),
+        ("TF32", c["tf32"]), ("strongly typed", c["strongly_typed"]),
+        ("LayerNorm/Softmax in FP32", c["fp32_norm"]), ("profile min", c["profile"]["min"]),
+        ("profile opt", c["profile"]["opt"]), ("profile max", c["profile"]["max"]),
+        ("workspace MiB", c["workspace_mib"]), ("timing cache", c["timing_cache"])])
+    major = c["tensorrt_major"]
+    print_checks(r["tensorrt_readiness"]["checks"], f"TensorRT {major} readiness (checked without TensorRT)")
+    for note in c["notes"]:
+        print(f"note: {note}")
+    print("equivalent trtexec command:")
+    print(r["trtexec"])
 
 
 def validate(

@@ -18,85 +18,87 @@ from prtool.cli.common import (
     setup,
     table,
 )
+from prtool.export_request import ExportRequest
+from prtool.recipes import options_from
+
+Opt = typer.Option
+Out = Annotated[Path, Opt("--out", "-o", help="Output .onnx path (the manifest goes beside it as .json).")]
+Opset = Annotated[int, Opt("--opset", help="ONNX opset (>= 17).")]
+Exporter = Annotated[str, Opt("--exporter", help="torchscript or dynamo.")]
+Gather = Annotated[str, Opt("--gather", help="flat (Gather + offsets), elements (GatherElements) or nd (GatherND).")]
+NoNormalize = Annotated[bool, Opt("--no-normalize", help="Do not L2-normalize image_embeds.")]
+WithKeptIndices = Annotated[bool, Opt("--with-kept-indices", help="Add the kept_patch_indices output.")]
+NoPrune = Annotated[bool, Opt("--no-prune", help="Export the unpruned baseline with the same I/O contract.")]
+NoValidate = Annotated[bool, Opt("--no-validate", help="Skip validation against PyTorch.")]
+AllowFailedValidation = Annotated[bool, Opt(
+    "--allow-failed-validation", help="Keep the files even if validation fails (exit 0).")]
+Images = Annotated[Path | None, Opt(
+    "--images", help="Folder of real images to validate on (default: shipped testbed eval images).")]
+Atol = Annotated[float | None, Opt("--atol", help="Absolute tolerance on image_embeds.")]
+Rtol = Annotated[float | None, Opt("--rtol", help="Relative tolerance on image_embeds.")]
+Tokens = Annotated[Path | None, Opt("--tokens", help="Learned tokens from `prtool tune`: visual tokens are baked in.")]
+Classifier = Annotated[bool, Opt(
+    "--classifier", help="Add a logits output (class text embeddings baked in; from --tokens or --data).")]
+Data = Annotated[str | None, Opt("--data", "-d", help="Dataset whose class names make a zero-shot --classifier head.")]
+Recipe = Annotated[Path | None, Opt(
+    "--recipe", help="TOML recipe; its \\[export] table gives defaults for these options.")]
+
+D = ExportRequest()  # the defaults: one place, the dataclass
 
 
 def export(
     ctx: typer.Context,
-    model: o.Model = "testbed",
-    pretrained: o.Pretrained = None,
-    schedule: o.Schedule = None,
-    keep_ratio: o.KeepRatio = None,
-    stages: o.Stages = 1,
-    first_block: o.FirstBlock = None,
-    scorer: o.Scorer = "predictor",
-    predictor: o.PredictorPath = None,
-    out: Annotated[Path, typer.Option("--out", "-o", help="Output .onnx path (the manifest goes beside it as .json).")] = Path("runs/export/model.onnx"),
-    opset: Annotated[int, typer.Option("--opset", help="ONNX opset (>= 17).")] = 18,
-    exporter: Annotated[str, typer.Option("--exporter", help="torchscript or dynamo.")] = "torchscript",
-    gather: Annotated[str, typer.Option("--gather", help="flat (Gather + offsets), elements (GatherElements) or nd (GatherND).")] = "flat",
-    no_normalize: Annotated[bool, typer.Option("--no-normalize", help="Do not L2-normalize image_embeds.")] = False,
-    with_kept_indices: Annotated[bool, typer.Option("--with-kept-indices", help="Add the kept_patch_indices output.")] = False,
-    no_prune: Annotated[bool, typer.Option("--no-prune", help="Export the unpruned baseline with the same I/O contract.")] = False,
-    no_validate: Annotated[bool, typer.Option("--no-validate", help="Skip validation against PyTorch.")] = False,
-    allow_failed_validation: Annotated[bool, typer.Option("--allow-failed-validation", help="Keep the files even if validation fails (exit 0).")] = False,
-    images: Annotated[Path | None, typer.Option("--images", help="Folder of real images to validate on (default: shipped testbed eval images).")] = None,
-    batch_size: o.BatchSize = 7,
-    atol: Annotated[float | None, typer.Option("--atol", help="Absolute tolerance on image_embeds.")] = None,
-    rtol: Annotated[float | None, typer.Option("--rtol", help="Relative tolerance on image_embeds.")] = None,
-    tokens: Annotated[Path | None, typer.Option("--tokens", help="Learned tokens from `prtool tune`: visual tokens are baked in.")] = None,
-    classifier: Annotated[bool, typer.Option("--classifier", help="Add a logits output (class text embeddings baked in; from --tokens or --data).")] = False,
-    data: Annotated[str | None, typer.Option("--data", "-d", help="Dataset whose class names make a zero-shot --classifier head.")] = None,
-    recipe: Annotated[Path | None, typer.Option("--recipe", help="TOML recipe with defaults for these options.")] = None,
-    allow_other_weights: o.AllowOtherWeights = False,
+    model: o.Model = D.model,
+    pretrained: o.Pretrained = D.pretrained,
+    schedule: o.Schedule = D.schedule,
+    keep_ratio: o.KeepRatio = D.keep_ratio,
+    stages: o.Stages = D.stages,
+    first_block: o.FirstBlock = D.first_block,
+    scorer: o.Scorer = D.scorer,
+    predictor: o.PredictorPath = D.predictor,
+    out: Out = D.out,
+    opset: Opset = D.opset,
+    exporter: Exporter = D.exporter,
+    gather: Gather = D.gather,
+    no_normalize: NoNormalize = D.no_normalize,
+    with_kept_indices: WithKeptIndices = D.with_kept_indices,
+    no_prune: NoPrune = D.no_prune,
+    no_validate: NoValidate = D.no_validate,
+    allow_failed_validation: AllowFailedValidation = D.allow_failed_validation,
+    images: Images = D.images,
+    batch_size: o.BatchSize = D.batch_size,
+    atol: Atol = D.atol,
+    rtol: Rtol = D.rtol,
+    tokens: Tokens = D.tokens,
+    classifier: Classifier = D.classifier,
+    data: Data = D.data,
+    recipe: Recipe = None,
+    allow_other_weights: o.AllowOtherWeights = D.allow_other_weights,
     as_json: o.Json = False,
     quiet: o.Quiet = False,
     verbose: o.Verbose = False,
 ):
     """Export the pruned (or baseline) CLIP image encoder to ONNX, validated against PyTorch."""
-    params = dict(locals())  # the options, before any local import joins the namespace
+    req = options_from(ExportRequest, ctx, dict(locals()), recipe, "export")
     setup(quiet, verbose)
-    from prtool.build import EncoderSpec, resolve_predictor, schedule_for
-    from prtool.export import ExportOptions, export_onnx
-    from prtool.models import load_clip
-    from prtool.recipes import apply_recipe
-    from prtool.validate import Tolerances
+    from prtool.export_request import run_export
 
-    values = apply_recipe(recipe, ctx, params, section="export")
-    check_output(values["out"], suffixes=(".onnx",))
-    check_schedule_syntax(values["schedule"])
-    check_inputs(values["predictor"], tokens)
-    loaded = load_clip(values["model"], values["pretrained"])
-    if no_prune:
-        sched = schedule_for(loaded, "none")
-    else:
-        sched = schedule_for(loaded, values["schedule"], values["keep_ratio"], values["stages"], values["first_block"])
-    pred = resolve_predictor(loaded, sched, values["scorer"], values["predictor"])
-    spec = EncoderSpec(sched, values["scorer"], pred, values["gather"], allow_other_weights=allow_other_weights)
-    tol = Tolerances(**{k: v for k, v in (("atol", atol), ("rtol", rtol)) if v is not None})
-    opts = ExportOptions(opset=values["opset"], exporter=values["exporter"], normalize=not no_normalize,
-                         with_kept_indices=with_kept_indices, validate=not no_validate,
-                         allow_failed_validation=allow_failed_validation, images=images, batch_size=batch_size,
-                         tolerances=tol)
-    extras = {"visual_prompts": None, "class_embeds": None, "manifest": {}}
-    if tokens is not None or classifier:
-        from prtool.datasets import load_dataset
-        from prtool.tune import export_extras
-
-        extras = export_extras(loaded, spec, tokens, classifier, load_dataset(data, "test") if data else None, data)
+    check_output(req.out, suffixes=(".onnx",))
+    check_schedule_syntax(req.schedule)
+    check_inputs(req.predictor, req.tokens)
     with failed_validation_shown(as_json):
-        result = export_onnx(loaded, spec, values["out"], opts, visual_prompts=extras["visual_prompts"],
-                             extra_manifest=extras["manifest"], class_embeds=extras["class_embeds"])
-    summary = {"onnx": str(result.onnx_path), "manifest": str(result.manifest_path),
-               "schedule": sched.to_string() or "none", "keep": list(sched.keep),
-               "predictor": result.manifest["predictor"],
-               "validation": result.report.to_dict() if result.report else None}
+        summary, report = run_export(req)
+    _print_export(summary, report, as_json, quiet)
+
+
+def _print_export(summary: dict, report, as_json: bool, quiet: bool) -> None:
     if quiet and not as_json:
-        print(result.onnx_path)
+        print(summary["onnx"])
         return
 
     def human(s):
-        if result.report is not None:
-            print_checks(result.report.checks, f"validation on {result.report.images}")
+        if report is not None:
+            print_checks(report.checks, f"validation on {report.images}")
         print(f"wrote {s['onnx']} and {s['manifest']} (schedule {s['schedule']}, keep {s['keep']})")
 
     emit(summary, as_json, human)

@@ -15,11 +15,9 @@ so the export and the PyTorch reference share its weights.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import platform
-import shlex
 import shutil
 import signal
 import subprocess
@@ -199,6 +197,20 @@ def _export_variant(loaded, variant: Variant, schedule, predictor: Path, workdir
     return path, encoder, {op: ops[op] for op in GATHER_OPS if op in ops}
 
 
+def _run_cell(runtime: str, version: str | None, path: Path, reference: np.ndarray, pixels: np.ndarray, work: Path,
+              timeout: float) -> dict:
+    """One cell: the export at ``path`` on ``runtime`` against the PyTorch ``reference``, or why it did not run."""
+    import torch
+
+    if version is None:
+        hint = " (export/cpp/setup.sh, npm ci in export/web)" if runtime in CONSUMERS else ""
+        return {"status": "not run", "detail": f"{_MODULES[runtime]} is not installed here{hint}"}
+    if runtime == "tensorrt" and not torch.cuda.is_available():
+        return {"status": "not run", "detail": "no CUDA GPU here"}
+    status, payload = run_isolated(runtime, path, work / "pixels.npy", work, timeout)
+    return cell_result(status, payload, reference, pixels)
+
+
 def run_compat(loaded, schedule, variants=VARIANTS, runtimes=RUNTIMES, batch: int = 2, seed: int = 0,
                timeout: float = CELL_TIMEOUT_S, command: str = "") -> dict:
     """Export every variant of ``loaded`` and run it on every runtime; returns the matrix as a dict.
@@ -242,16 +254,7 @@ def run_compat(loaded, schedule, variants=VARIANTS, runtimes=RUNTIMES, batch: in
             rows.append(row)
             with torch.no_grad():
                 reference = encoder(torch.from_numpy(pixels)).numpy()
-            for runtime in runtimes:
-                if versions[runtime] is None:
-                    cells[variant.name][runtime] = {"status": "not run", "detail": f"{_MODULES[runtime]} is not installed here"
-                                                    + (" (export/cpp/setup.sh, npm ci in export/web)" if runtime in CONSUMERS else "")}
-                    continue
-                if runtime == "tensorrt" and not torch.cuda.is_available():
-                    cells[variant.name][runtime] = {"status": "not run", "detail": "no CUDA GPU here"}
-                    continue
-                status, payload = run_isolated(runtime, path, work / "pixels.npy", work, timeout)
-                cells[variant.name][runtime] = cell_result(status, payload, reference, pixels)
+            cells[variant.name] = {r: _run_cell(r, versions[r], path, reference, pixels, work, timeout) for r in runtimes}
     tol = Tolerances()
     return {"command": command, "model": loaded.model_id, "schedule": schedule.to_string(), "keep": list(schedule.keep),
             "scorer": "predictor (untrained, seeded; weights saved and shared with the PyTorch reference)",
@@ -310,52 +313,39 @@ def matrix_markdown(result: dict) -> str:
 
 
 def write_matrix(result: dict, out_dir: Path) -> tuple[Path, Path]:
-    """Write ``compat.json`` and ``COMPAT.md`` into ``out_dir`` atomically."""
-    from prtool.manifest import write_json_atomic
+    """Write ``compat.json`` and ``COMPAT.md`` into ``out_dir``, each atomically."""
+    from prtool.reports import write_atomic
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     js, md = out_dir / "compat.json", out_dir / "COMPAT.md"
-    write_json_atomic(js, result)
-    tmp = md.with_name(f".{md.name}.tmp")
-    tmp.write_text(matrix_markdown(result))
-    tmp.replace(md)
+    text = json.dumps(result, indent=2, default=str) + "\n"
+    write_atomic(js, lambda p: p.write_text(text))
+    write_atomic(md, lambda p: p.write_text(matrix_markdown(result)))
     return js, md
 
 
-def main(argv: list[str] | None = None) -> int:
+def generate_compat(out: Path = Path("export/compat"), model: str = "testbed", pretrained: str = "none",
+                    keep_ratio: float = 0.6, stages: int = 4, runtimes: tuple[str, ...] = RUNTIMES, batch: int = 2,
+                    seed: int = 0, command: str = "python -m prtool.deploy.compat") -> tuple[Path, Path]:
+    """Measure the matrix for ``model`` (pruned variants keep ``keep_ratio`` of the patches in ``stages``)
+    and write ``compat.json`` + ``COMPAT.md`` into ``out``; ``command`` regenerates it (recorded)."""
     from prtool.build import schedule_for
     from prtool.errors import PrtoolError
     from prtool.models import load_clip
     from prtool.seed import seed_everything
 
-    ap = argparse.ArgumentParser(prog="python -m prtool.deploy.compat", description=__doc__.split("\n")[0])
-    ap.add_argument("--out", type=Path, default=Path("export/compat"), help="folder for compat.json and COMPAT.md")
-    ap.add_argument("--model", default="testbed", help="model to export (default: the testbed, 196 patches)")
-    ap.add_argument("--pretrained", default="none", help="weights (default: seeded random weights)")
-    ap.add_argument("--keep-ratio", type=float, default=0.6, help="pruned variants keep this fraction of patches")
-    ap.add_argument("--stages", type=int, default=4, help="pruning stages of the pruned variants")
-    ap.add_argument("--runtimes", default=",".join(RUNTIMES), help=f"comma-separated subset of {','.join(RUNTIMES)}")
-    ap.add_argument("--batch", type=int, default=2, help="images per run (>= 2 exercises batching)")
-    ap.add_argument("--seed", type=int, default=0)
-    args = ap.parse_args(argv)
-    try:
-        runtimes = tuple(r for r in args.runtimes.split(",") if r)
-        unknown = sorted(set(runtimes) - set(RUNTIMES))
-        if unknown:
-            raise PrtoolError(f"unknown runtimes {unknown}: choose from {', '.join(RUNTIMES)}")
-        seed_everything(args.seed)
-        loaded = load_clip(args.model, args.pretrained)
-        schedule = schedule_for(loaded, keep_ratio=args.keep_ratio, stages=args.stages)
-        command = shlex.join(["python", "-m", "prtool.deploy.compat", *(sys.argv[1:] if argv is None else argv)])
-        result = run_compat(loaded, schedule, runtimes=runtimes, batch=args.batch, seed=args.seed, command=command)
-    except PrtoolError as exc:
-        print(f"prtool: error: {exc}", file=sys.stderr)
-        return exc.exit_code
-    for path in write_matrix(result, args.out):
-        print(path)
-    return 0
+    unknown = sorted(set(runtimes) - set(RUNTIMES))
+    if unknown:
+        raise PrtoolError(f"unknown runtimes {unknown}: choose from {', '.join(RUNTIMES)}")
+    seed_everything(seed)
+    loaded = load_clip(model, pretrained)
+    schedule = schedule_for(loaded, keep_ratio=keep_ratio, stages=stages)
+    result = run_compat(loaded, schedule, runtimes=tuple(runtimes), batch=batch, seed=seed, command=command)
+    return write_matrix(result, out)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from prtool.deploy.docgen import compat_main
+
+    sys.exit(compat_main())

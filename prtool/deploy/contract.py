@@ -11,9 +11,7 @@ random weights and says so in bold: a placeholder to regenerate once the checkpo
 
 from __future__ import annotations
 
-import argparse
 import hashlib
-import json
 import sys
 from pathlib import Path
 
@@ -116,36 +114,25 @@ def example_markdown(ex: dict) -> str:
 def update_contract(path: Path, block: str) -> None:
     """Replace the text between the markers of ``path`` with ``block`` (atomically)."""
     from prtool.errors import PrtoolError
+    from prtool.reports import write_atomic
 
     path = Path(path)
     text = path.read_text()
     i, j = text.find(BEGIN.split(" (")[0]), text.find(END)
     if i < 0 or j < i:
         raise PrtoolError(f"{path} has no worked-example markers ({BEGIN.split(' (')[0]} ... {END})")
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text[:i] + block + text[j + len(END):])
-    tmp.replace(path)
+    write_atomic(path, lambda p: p.write_text(text[:i] + block + text[j + len(END):]))
 
 
-def main(argv: list[str] | None = None) -> int:
-    from prtool.errors import PrtoolError
-
-    ap = argparse.ArgumentParser(prog="python -m prtool.deploy.contract", description=__doc__.split("\n")[0])
-    ap.add_argument("--update", type=Path, help="rewrite the worked example in this file (export/CONTRACT.md)")
-    ap.add_argument("--pretrained", help="testbed weights (default: the committed checkpoint, else seeded random)")
-    args = ap.parse_args(argv)
-    try:
-        ex = worked_example(args.pretrained)
-        if args.update:
-            update_contract(args.update, example_markdown(ex))
-            print(args.update)
-        else:
-            print(json.dumps(ex, indent=2))
-    except PrtoolError as exc:
-        print(f"prtool: error: {exc}", file=sys.stderr)
-        return exc.exit_code
-    return 0
+def generate_contract(update: Path | None = None, pretrained: str | None = None) -> dict:
+    """The worked example; with ``update``, also rewritten into that file (``export/CONTRACT.md``)."""
+    ex = worked_example(pretrained)
+    if update is not None:
+        update_contract(update, example_markdown(ex))
+    return ex
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from prtool.deploy.docgen import contract_main
+
+    sys.exit(contract_main())

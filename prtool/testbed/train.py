@@ -101,21 +101,76 @@ def _prefetch(gen, depth: int = 3):
         yield item
 
 
-def zero_shot_weights(model, tokenizer) -> torch.Tensor:
-    """``[D, 10]`` class embeddings: mean of normalized caption embeddings per class."""
+def _optimizer(model, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """AdamW with weight decay on the matrices, none on embeddings, norms and biases."""
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embedding" not in n]
+    no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embedding" not in n)]
+    return torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                              {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.98))
+
+
+def _resume(state_path: Path, model, opt, total: int) -> int:
+    """Load the saved training state, if any; returns the step to start at."""
+    if not state_path.exists():
+        return 0
+    st = torch.load(state_path, map_location="cpu", weights_only=True)
+    model.load_state_dict(st["model"])
+    opt.load_state_dict(st["opt"])
+    log.info("resuming testbed training at step %d/%d", int(st["step"]), total)
+    return int(st["step"])
+
+
+class _Captions:
+    """Every class caption tokenized once; a batch draws one caption per image (seeded by the step)."""
+
+    def __init__(self, tokenizer):
+        captions = [c for caps in spec.class_captions() for c in caps]
+        self.cls = torch.tensor([k for k, caps in enumerate(spec.class_captions()) for _ in caps])
+        self.tokens = tokenizer(captions)
+        self.first = torch.tensor([0] + list(np.cumsum([len(c) for c in spec.class_captions()])))
+
+    def pick(self, y: torch.Tensor, seed: int, step: int) -> torch.Tensor:
+        """The distinct captions of the batch (indices into ``tokens``)."""
+        gen = torch.Generator().manual_seed(seed * 1_000_003 + step)
+        counts = self.first[1:] - self.first[:-1]
+        return torch.unique(self.first[y] + (torch.rand(len(y), generator=gen) * counts[y]).long())
+
+
+def _train_step(model, opt, captions: _Captions, canvases, y, step: int, total: int, cfg: TrainConfig,
+                pre: dict) -> torch.Tensor:
+    """One optimizer step on a batch; returns the loss."""
+    for g in opt.param_groups:
+        g["lr"] = lr_at(step, total, cfg)
+    y = torch.from_numpy(y)
+    uniq = captions.pick(y, cfg.seed, step)
+    images = images_to_tensor(canvases, pre)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
+        img = F.normalize(model.encode_image(images), dim=-1)
+        txt = F.normalize(model.encode_text(captions.tokens[uniq]), dim=-1)
+    loss = soft_clip_loss(img.float(), txt.float(), model.logit_scale.exp(), y, captions.cls[uniq])
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+    opt.step()
     with torch.no_grad():
-        cols = []
-        for caps in spec.class_captions():
-            emb = F.normalize(model.encode_text(tokenizer(caps)), dim=-1).mean(0)
-            cols.append(F.normalize(emb, dim=-1))
-        return torch.stack(cols, dim=1)
+        model.logit_scale.clamp_(0, math.log(100))
+    return loss
+
+
+def _save_checkpoint(model, cfg: TrainConfig, out: Path) -> None:
+    """The trained weights as fp16 safetensors, renamed into place."""
+    from safetensors.torch import save_file
+
+    state = {k: v.detach().to(torch.float16).contiguous() for k, v in model.state_dict().items()}
+    tmp = out.with_suffix(".tmp")
+    save_file(state, str(tmp), metadata={"prtool": "testbed", "config": json.dumps(asdict(cfg))})
+    tmp.replace(out)
 
 
 def train_testbed(out: Path, cfg: TrainConfig = TrainConfig(), idx_dir: Path = tbdata.DEFAULT_IDX_DIR,
                   resume: bool = True, quiet: bool = False) -> dict:
     """Train the testbed and write ``out`` (fp16 safetensors) plus ``NAME.train.json`` with the metrics."""
     import open_clip
-    from safetensors.torch import save_file
 
     from prtool.models import preprocess_config, register_testbed
     from prtool.seed import seed_everything
@@ -130,47 +185,16 @@ def train_testbed(out: Path, cfg: TrainConfig = TrainConfig(), idx_dir: Path = t
     pre = preprocess_config(model)
     items, labels = tbdata.load_fashion_mnist("train", idx_dir)
     labels = labels.astype(np.int64)
-
-    captions = [c for caps in spec.class_captions() for c in caps]
-    caption_cls = torch.tensor([k for k, caps in enumerate(spec.class_captions()) for _ in caps])
-    caption_tokens = tokenizer(captions)
-    first_caption = torch.tensor([0] + list(np.cumsum([len(c) for c in spec.class_captions()])))
-
-    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embedding" not in n]
-    no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embedding" not in n)]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.98))
+    captions = _Captions(tokenizer)
+    opt = _optimizer(model, cfg)
     total = cfg.samples // cfg.batch_size
-    start = 0
-    if resume and state_path.exists():
-        st = torch.load(state_path, map_location="cpu", weights_only=True)
-        model.load_state_dict(st["model"])
-        opt.load_state_dict(st["opt"])
-        start = int(st["step"])
-        log.info("resuming testbed training at step %d/%d", start, total)
+    start = _resume(state_path, model, opt, total) if resume else 0
 
     model.train()
     t0, seen = time.time(), 0
     with progress_bar(total, "train testbed", quiet=quiet, completed=start) as bar:
         for step, canvases, y in _prefetch(_batches(items, labels, cfg, start, total)):
-            for g in opt.param_groups:
-                g["lr"] = lr_at(step, total, cfg)
-            y = torch.from_numpy(y)
-            gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
-            counts = first_caption[1:] - first_caption[:-1]
-            pick = first_caption[y] + (torch.rand(len(y), generator=gen) * counts[y]).long()
-            uniq = torch.unique(pick)
-            images = images_to_tensor(canvases, pre)
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
-                img = F.normalize(model.encode_image(images), dim=-1)
-                txt = F.normalize(model.encode_text(caption_tokens[uniq]), dim=-1)
-            loss = soft_clip_loss(img.float(), txt.float(), model.logit_scale.exp(), y, caption_cls[uniq])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            opt.step()
-            with torch.no_grad():
-                model.logit_scale.clamp_(0, math.log(100))
+            loss = _train_step(model, opt, captions, canvases, y, step, total, cfg, pre)
             seen += len(y)
             info = f"loss {loss.item():.3f} {seen / (time.time() - t0):.0f} img/s"
             bar.update(1, info=info)
@@ -181,10 +205,7 @@ def train_testbed(out: Path, cfg: TrainConfig = TrainConfig(), idx_dir: Path = t
                 torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "step": step + 1}, tmp)
                 tmp.replace(state_path)
     model.eval()
-    state = {k: v.detach().to(torch.float16).contiguous() for k, v in model.state_dict().items()}
-    tmp = out.with_suffix(".tmp")
-    save_file(state, str(tmp), metadata={"prtool": "testbed", "config": json.dumps(asdict(cfg))})
-    tmp.replace(out)
+    _save_checkpoint(model, cfg, out)
     meta = {"config": asdict(cfg), "steps": total, "train_seconds_this_run": round(time.time() - t0, 1)}
     # beside the checkpoint as NAME.train.json (NAME.json is the model config in the assets folder)
     out.with_name(out.stem + ".train.json").write_text(json.dumps(meta, indent=2) + "\n")
