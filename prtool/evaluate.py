@@ -14,6 +14,7 @@ from prtool.errors import PrtoolError
 from prtool.io_names import LOGITS
 from prtool.models import LoadedModel
 from prtool.progress import progress_bar
+from prtool.rank_store import load_store
 from prtool.zeroshot import evaluate_embeddings, onnx_embedder, text_classifier, torch_embedder
 
 
@@ -79,7 +80,8 @@ def evaluate_zero_shot(loaded: LoadedModel, dataset: ImageDataset, spec: Encoder
         encoder, _ = build_pruned_encoder(loaded, spec, normalize=True)
         scores_for = None  # oracle rankers (golden, brightness) score each image outside the graph
         if encoder.scorer is not None:
-            scores_for = encoder.scorer.image_scores(loaded, dataset, rankings, spec.schedule.first_block)
+            store = load_store(rankings) if rankings is not None and encoder.method.needs == "rankings" else None
+            scores_for = encoder.scorer.image_scores(loaded, dataset, store, spec.schedule.first_block)
         embed = torch_embedder(encoder, scores_for)
         backend = "torch"
     reference = None

@@ -321,6 +321,7 @@ class RankingStore:
     ids: list[str]
     rankings: np.ndarray
     importance: np.ndarray
+    path: Path | None = None  # the store's folder, for messages
 
     def row_of(self) -> dict[str, int]:
         return {sid: i for i, sid in enumerate(self.ids)}
@@ -344,7 +345,7 @@ def load_store(path: Path) -> RankingStore:
                     "`prtool rank` that made it (same options, -o %s) to record their checksums", path, path)
     ids = [sid for sh in shards for sid in sh.ids]
     return RankingStore(index, ids, np.concatenate([sh.rankings for sh in shards]).reshape(-1, n).astype(np.int64),
-                        np.concatenate([sh.importance for sh in shards]).reshape(-1, n))
+                        np.concatenate([sh.importance for sh in shards]).reshape(-1, n), path)
 
 
 def _read_index(path: Path) -> dict:

@@ -9,7 +9,6 @@ kept. Scorers hold no per-forward state, so the exported graph is a pure functio
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import torch
 from torch import nn
@@ -36,8 +35,9 @@ class PatchScorer(nn.Module):
         """MACs per image spent scoring in ``encoder`` (``prtool.flops``)."""
         return 0
 
-    def image_scores(self, loaded, dataset, rankings: Path | None, rank_block: int):
-        """Oracle rankers: ``(pixels, rows) -> [b, N]`` scores per evaluated image; None for the others."""
+    def image_scores(self, loaded, dataset, store, rank_block: int):
+        """Oracle rankers: ``(pixels, rows) -> [b, N]`` scores per evaluated image (``store``: a loaded rankings
+        store, for the golden oracle); None for the others."""
         return None
 
 
@@ -133,10 +133,10 @@ class GoldenScorer(PatchScorer):
     def forward(self, x, num_prefix, block):
         raise PrtoolError("the golden scorer needs per-image rankings (prtool eval --scorer golden --rankings DIR)")
 
-    def image_scores(self, loaded, dataset, rankings, rank_block):
-        if rankings is None:
+    def image_scores(self, loaded, dataset, store, rank_block):
+        if store is None:
             raise PrtoolError("--scorer golden needs --rankings DIR (a store made by `prtool rank`)")
-        return golden_scores_for(dataset, rankings, loaded, rank_block)
+        return golden_scores_for(dataset, store, loaded, rank_block)
 
 
 class BrightnessScorer(PatchScorer):
@@ -148,15 +148,16 @@ class BrightnessScorer(PatchScorer):
         raise PrtoolError("the brightness heuristic is computed from pixels in evaluation "
                           "(prtool eval --scorer brightness)")
 
-    def image_scores(self, loaded, dataset, rankings, rank_block):
+    def image_scores(self, loaded, dataset, store, rank_block):
         return brightness_scores_for(loaded)
 
 
-def golden_scores_for(dataset, rankings: Path, loaded, rank_block: int):
-    """``(pixels, rows) -> [b, N]`` oracle patch scores from a rankings store (higher = ranked earlier)."""
-    from prtool.rank_store import load_store
+def golden_scores_for(dataset, store, loaded, rank_block: int):
+    """``(pixels, rows) -> [b, N]`` oracle patch scores from a loaded rankings store (higher = ranked earlier).
 
-    store = load_store(rankings)
+    ``store`` is a ``RankingStore`` (``prtool.rank_store.load_store``), read by the caller: the encoder's rankers
+    do not import the ranking phase."""
+    rankings = store.path
     idx = store.index
     if idx["rank_block"] != rank_block:
         raise PrtoolError(f"rankings {rankings} were computed at block {idx['rank_block']}, but the schedule's first "
