@@ -25,10 +25,11 @@ from prtool.stats import mean_and_stderr, paired_difference
 log = logging.getLogger(__name__)
 
 METHODS = ("none", "patch-ranking", "golden", "random", "cls-attn", "evit", "tome", "brightness",
-           "patch-ranking-merge", "golden-merge", "random-merge", "cls-attn-merge")
+           "patch-ranking-merge", "golden-merge", "random-merge", "cls-attn-merge", "avit", "avit-topk")
 _SCORER = {"patch-ranking": "predictor", "golden": "golden", "random": "random", "cls-attn": "cls-attn",
            "evit": "evit", "tome": "tome", "brightness": "brightness", "patch-ranking-merge": "patch-ranking-merge",
-           "golden-merge": "golden-merge", "random-merge": "random-merge", "cls-attn-merge": "cls-attn-merge"}
+           "golden-merge": "golden-merge", "random-merge": "random-merge", "cls-attn-merge": "cls-attn-merge",
+           "avit": "avit", "avit-topk": "avit-topk"}  # A-ViT (#23)
 
 
 def bench_accuracy(loaded, dataset, schedules: list[Schedule], methods: list[str], predictor: Path | None = None,

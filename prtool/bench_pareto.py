@@ -32,7 +32,8 @@ log = logging.getLogger(__name__)
 
 METHODS = {"none": "none", "patch-ranking": "predictor", "patch-ranking-merge": "patch-ranking-merge", "tome": "tome",
            "evit": "evit", "random-merge": "random-merge", "golden-merge": "golden-merge",
-           "cls-attn-merge": "cls-attn-merge", "cls-attn": "cls-attn"}
+           "cls-attn-merge": "cls-attn-merge", "cls-attn": "cls-attn",
+           "avit": "avit", "avit-topk": "avit-topk"}  # A-ViT (#23): masking form, fixed-k form
 DEFAULT_METHODS = "none,patch-ranking,patch-ranking-merge,tome,evit,random-merge"
 DEFAULT_BUDGETS = "4x136,4x118,4x96,4x76,4x56,1x60%,1x50%"
 _TIMED_BY = {"random-merge": "patch-ranking-merge", "golden-merge": "patch-ranking-merge"}

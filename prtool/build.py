@@ -137,6 +137,10 @@ def build_pruned_encoder(loaded: LoadedModel, spec: EncoderSpec, normalize: bool
                                          return_indices=return_indices, visual_prompts=visual_prompts,
                                          **(spec.merge or {}))
         return enc.eval(), meta
+    if spec.scorer in ("avit", "avit-topk") and not spec.schedule.is_empty:  # A-ViT (#23): prtool.avit
+        from prtool.avit_train import build_avit
+
+        return build_avit(loaded, spec, normalize, return_indices, visual_prompts), None
     if spec.scorer in PEERS and not spec.schedule.is_empty:
         if return_indices:
             raise PrtoolError(f"{spec.scorer} merges or fuses tokens: it has no kept_patch_indices output")
