@@ -163,3 +163,16 @@ def test_masking_form_exports_without_topk(tiny, tmp_path, avit_weights):
     path, sched = avit_weights
     res = export_onnx(tiny, EncoderSpec(sched, "avit", path), tmp_path / "m.onnx", ExportOptions())
     assert res.report.passed, res.report.failure_summary()
+
+
+def test_tuned_state_round_trips_row0_only(tiny):
+    from prtool.avit import apply_tuned_state
+
+    state = tuned_state(HaltingHead(2.0, -3.0), tiny.visual)
+    key = "transformer.resblocks.1.mlp.c_proj.weight"
+    assert state[key].shape == (1, tiny.visual.transformer.resblocks[1].mlp.c_proj.weight.shape[1])
+    state[key] = state[key] + 1.0
+    visual, halting = apply_tuned_state(tiny.visual, state)
+    new, old = visual.transformer.resblocks[1].mlp.c_proj.weight, tiny.visual.transformer.resblocks[1].mlp.c_proj.weight
+    assert torch.allclose(new[0], old[0] + 1.0) and torch.equal(new[1:], old[1:])  # row 0 only; the shared tower kept
+    assert halting.gamma.item() == 2.0 and halting.beta.item() == -3.0
