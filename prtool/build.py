@@ -115,7 +115,7 @@ def build_pruned_encoder(loaded: LoadedModel, spec: EncoderSpec, normalize: bool
     """The encoder of ``spec``'s method (``METHODS``); ``encoder.method`` is its table entry (its FLOPs rule)."""
     method = METHODS["none"] if spec.schedule.is_empty else get_method(spec.scorer)
     scorer, meta = make_scorer(loaded, spec)
-    enc = method.encoder_class().from_spec(loaded.visual, spec, scorer, normalize=normalize,
-                                           return_indices=return_indices, visual_prompts=visual_prompts)
+    enc = method.build(loaded, spec, scorer, normalize=normalize, return_indices=return_indices,
+                       visual_prompts=visual_prompts)
     enc.method = method
     return enc.eval(), meta

@@ -70,6 +70,8 @@ class Method:
     timed_by: str | None = None  # bench pareto: the method whose export times it when it cannot export
     aliases: tuple[str, ...] = ()
     recorded: str = ""  # what EncoderSpec.scorer and manifests record, when not ``name``
+    builder: str = ""  # ``module:function(loaded, spec, normalize, return_indices, visual_prompts)``, for an
+    # encoder that needs more than ``from_spec`` gets (A-ViT: its tuned weights, checked against the model)
 
     @property
     def spec_name(self) -> str:
@@ -98,6 +100,13 @@ class Method:
     def encoder_class(self) -> type:
         module, cls = self.encoder.split(":")
         return getattr(importlib.import_module(module), cls)
+
+    def build(self, loaded, spec, scorer, **kw):
+        """The encoder of ``spec``: the ``builder`` when there is one, else the class's ``from_spec``."""
+        if self.builder:
+            module, fn = self.builder.split(":")
+            return getattr(importlib.import_module(module), fn)(loaded, spec, **kw)
+        return self.encoder_class().from_spec(loaded.visual, spec, scorer, **kw)
 
     def accepted_names(self) -> tuple[str, ...]:
         return tuple(dict.fromkeys((self.name, *self.aliases, self.spec_name)))
@@ -131,6 +140,10 @@ METHODS: dict[str, Method] = {m.name: m for m in (
     _merged("cls-attn", "rank-and-merge ranked by CLS attention"),
     _merged("random", "rank-and-merge ranked at random", timed_by="patch-ranking-merge"),
     _merged("golden", "rank-and-merge ranked by the golden oracle", timed_by="patch-ranking-merge"),
+    Method("avit", "A-ViT: adaptive token halting, halted tokens masked (A-ViT proper; no speedup)",
+           "prtool.avit:AViTVisionTransformer", builder="prtool.avit:build_avit"),
+    Method("avit-topk", "A-ViT, fixed-k form: TopK by cumulative halting score at the schedule's blocks",
+           "prtool.avit:AViTTopKVisionTransformer", builder="prtool.avit:build_avit"),
 )}
 
 

@@ -46,6 +46,9 @@ def _commands():
                                        a.predictor, "--batch", "2", "--warmup", "1", "--iters", "1", "-o", o / "bp"]),
         ("bench prompts", lambda a, o: ["bench", "prompts", *TINY, "-d", "testbed", "--shots", "1", "--epochs", "1",
                                         "--limit", "4", *S, "--scorer", "cls-attn", "--n-ctx", "1", "-o", o / "bp"]),
+        ("tune-avit", lambda a, o: ["tune-avit", *TINY, "--split", "test", "--images", "8", "--calib-images", "4",
+                                    "-s", "1:16", "-o", o / "a.safetensors"]),  # A-ViT (#23)
+        ("avit-tokens", lambda a, o: ["avit-tokens", "--limit", "2"]),  # the testbed's shipped A-ViT weights
     ]
 
 
@@ -176,6 +179,8 @@ PATH_ARGS = [
     ("testbed train", "-o", lambda a, o: ["testbed", "train", "--idx-dir", a.idx, "--samples", "8"],
      ("missing", "safetensors")),
     ("demo", "-o", lambda a, o: ["demo", "--limit", "2"], ("missing", "directory")),
+    ("tune-avit", "-o", lambda a, o: ["tune-avit", *TINY, "--images", "8", "-s", "1:16"], ("missing", "safetensors")),
+    ("avit-tokens", "--weights", lambda a, o: ["avit-tokens", "--limit", "2"], ()),
 ]
 CASES = [(cmd, opt, base, kind) for cmd, opt, base, ok in PATH_ARGS for kind in KINDS if kind not in ok]
 

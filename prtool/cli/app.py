@@ -49,6 +49,10 @@ app.command("package")(deploy_cmd.package)
 app.command("env")(env_cmd.env)
 app.command("demo")(demo_cmd.demo)
 app.add_typer(testbed_cmd.app, name="testbed")
+from prtool.cli import avit_cmd  # noqa: E402  (A-ViT, #23: one self-contained block)
+
+app.command("tune-avit")(avit_cmd.tune_avit)
+app.command("avit-tokens")(avit_cmd.avit_tokens)
 app.add_typer(bench_cmd.app, name="bench")
 
 
