@@ -46,6 +46,9 @@ def _commands():
                                        a.predictor, "--batch", "2", "--warmup", "1", "--iters", "1", "-o", o / "bp"]),
         ("bench prompts", lambda a, o: ["bench", "prompts", *TINY, "-d", "testbed", "--shots", "1", "--epochs", "1",
                                         "--limit", "4", *S, "--scorer", "cls-attn", "--n-ctx", "1", "-o", o / "bp"]),
+        ("plan", lambda a, o: ["plan", *TINY, "-d", "testbed", "--speedup", "1.01", "--methods", "evit", "--stages", "1",
+                               "--keep-ratios", "0.3", "--margin", "0.5", "--calib-limit", "4", "--batch", "16",
+                               "--warmup", "1", "--iters", "3", "-o", o / "pl"]),
     ]
 
 
@@ -176,6 +179,9 @@ PATH_ARGS = [
     ("testbed train", "-o", lambda a, o: ["testbed", "train", "--idx-dir", a.idx, "--samples", "8"],
      ("missing", "safetensors")),
     ("demo", "-o", lambda a, o: ["demo", "--limit", "2"], ("missing", "directory")),
+    ("plan", "--predictor", lambda a, o: ["plan", *TINY, "--speedup", "1.2", "-o", o / "pl"], ()),
+    ("plan", "--cache", lambda a, o: ["plan", *TINY, "--speedup", "1.2", "-o", o / "pl"], ("missing",)),
+    ("plan", "-o", lambda a, o: ["plan", *TINY, "--speedup", "1.2"], ("missing", "directory")),
 ]
 CASES = [(cmd, opt, base, kind) for cmd, opt, base, ok in PATH_ARGS for kind in KINDS if kind not in ok]
 

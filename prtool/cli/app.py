@@ -51,6 +51,10 @@ app.command("demo")(demo_cmd.demo)
 app.add_typer(testbed_cmd.app, name="testbed")
 app.add_typer(bench_cmd.app, name="bench")
 
+from prtool.cli import plan_cmd  # noqa: E402 - appended registration block
+
+app.command("plan")(plan_cmd.plan)
+
 
 def main() -> None:
     try:
