@@ -223,8 +223,9 @@ def run_plan(s: PlanSetup, candidates: list[Candidate], budget: dict, space: dic
     front_rows = [r for r in rows if r["top1"] is not None]
     calib = s.calib
     return {"model": s.loaded.model_id, "dataset": calib.name if calib else "none (speed only)",
-            "split": calib.split if calib else "-", "images": len(calib) if calib else 0, "backend": BACKENDS[s.backend] + ", each candidate interleaved with the "
-            "unpruned export", "batch": s.batch, "threads": torch.get_num_threads(), "warmup": s.warmup,
+            "split": calib.split if calib else "-", "images": len(calib) if calib else 0,
+            "backend": BACKENDS[s.backend] + ", each candidate interleaved with the unpruned export",
+            "batch": s.batch, "threads": torch.get_num_threads(), "warmup": s.warmup,
             "iters": s.iters, "budget": budget, "unpruned_gflops": base_gflops, "candidates": len(candidates),
             "survivors": len(survivors), "search_space": space, **stats, "rows": rows,
             "front": pareto_front(front_rows) if front_rows else [], "pick": chosen}
@@ -302,7 +303,7 @@ def plan_markdown(result: dict) -> str:
     lines = [f"# prtool plan: budget {want}", "",
              f"Search: {result['candidates']} candidates, {result['survivors']} kept by the FLOP model, "
              f"{result['measured']} measured now, {result['cached']} from the cache"
-             + (f", **stopped by --max-time with {result['unmeasured']} unmeasured**" if result["stopped_early"] else "")
+             + (f", **stopped by --max-time, {result['unmeasured']} unmeasured**" if result["stopped_early"] else "")
              + f" ({result['search_s']:.0f} s).", ""]
     if p is None:
         lines.append("**No measured candidate met the budget.**")
@@ -316,7 +317,8 @@ def plan_markdown(result: dict) -> str:
 def verify_markdown(report: dict) -> str:
     from prtool.bench_pareto import markdown_table
 
-    lines = ["| role | method | schedule | top-1 % | speedup | pick minus this (paired SE) |", "|---|---|---|---|---|---|"]
+    lines = ["| role | method | schedule | top-1 % | speedup | pick minus this (paired SE) |",
+             "|---|---|---|---|---|---|"]
     for r in report["rows"]:
         d = r["pick_minus_this"]
         lines.append(f"| {r['role']} | {r['method']} | {r['schedule']} | {r['top1']:.2f} | {r['speedup']:.3f} | "

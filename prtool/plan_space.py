@@ -53,8 +53,6 @@ PLAN_METHODS = {m.name: m for m in (
     PlanMethod("tome", SCORERS["tome"], False, max_stage_share=0.5),
     PlanMethod("evit", SCORERS["evit"], False),
 )}
-DEFAULT_METHODS = ",".join(PLAN_METHODS)
-DEFAULT_KEEP_RATIOS = ",".join(f"{k / 100:.2f}" for k in range(30, 100, 5))
 BACKENDS = {"onnxruntime-cpu": "onnxruntime CPU"}
 
 

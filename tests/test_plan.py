@@ -49,7 +49,8 @@ def test_plan_end_to_end_picks_the_most_accurate_within_budget_and_exports_it(ar
                                                                                fake_latency):
     import onnxruntime as ort
 
-    r = _plan(tmp_path / "p", "--methods", "patch-ranking,tome", "--keep-ratios", "0.5,0.7", "--predictor", artifacts.predictor)
+    r = _plan(tmp_path / "p", "--methods", "patch-ranking,tome", "--keep-ratios", "0.5,0.7",
+              "--predictor", artifacts.predictor)
     assert r["survivors"] == len(r["rows"]) > 1 and r["measured"] == r["survivors"]
     assert {row["method"] for row in r["rows"]} == {"patch-ranking", "tome"}
     assert all(row["schedule"].startswith("1:") for row in r["rows"] if row["method"] == "patch-ranking")
@@ -125,3 +126,26 @@ def test_resume_after_kill_measures_only_what_is_missing(tmp_path, fake_latency)
     assert len(fake_latency) == r["survivors"] - len(before)
     complete = before & _measured_before(entries, "accuracy")  # a kill between the two leaves only the latency
     assert r["cached"] == len(complete) and r["measured"] == r["survivors"] - len(complete)
+
+
+def test_no_candidate_in_budget_reports_the_front_and_exports_nothing(tmp_path, fake_latency):
+    out = tmp_path / "p"
+    code, stdout, err = run("plan", *TINY, *SPACE[:2], "--speedup", "1.5", *SPACE[4:], "--methods", "tome",
+                            "--keep-ratios", "0.7", "-o", out, "--json")  # fake speedups 64/45 = 1.42x < 1.5x
+    r = json.loads(stdout)
+    assert code == 0 and r["pick"] is None and r["rows"] and "no measured candidate met the budget" in err
+    assert not (out / "pick").exists() and "export" not in r
+
+
+@pytest.mark.parametrize("args, words", [
+    (("--speedup", "1.3", "--budget-ms", "10"), "exactly one budget"),
+    (("--speedup", "0.9"), "must be above 1"),
+    (("--speedup", "1.3", "--report-split", "train"), "must differ from --calib-split"),
+    (("--speedup", "1.3", "--backend", "tensorrt"), "--backend"),
+    (("--speedup", "1.3", "--methods", "tome,magic"), "--methods"),
+])
+def test_bad_input_is_one_line_and_writes_nothing(tmp_path, args, words):
+    code, stdout, err = run("plan", *TINY, *args, "-o", tmp_path / "p")
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code == 1 and stdout == "" and len(lines) == 1 and words in lines[0], err
+    assert not (tmp_path / "p").exists()

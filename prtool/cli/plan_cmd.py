@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Annotated
 
@@ -10,6 +11,7 @@ import typer
 from prtool.cli import options as o
 from prtool.cli.common import check_inputs, check_output, emit, setup, table
 
+_METHODS = "patch-ranking,patch-ranking-merge,tome,evit"  # plan_space.PLAN_METHODS; quantized variants join there
 _KEEPS = "0.30,0.35,0.40,0.45,0.50,0.55,0.60,0.65,0.70,0.75,0.80,0.85,0.90,0.95"
 
 
@@ -18,28 +20,61 @@ def plan(
     pretrained: o.Pretrained = None,
     data: o.Data = "testbed",
     image_root: o.ImageRoot = None,
-    budget_ms: Annotated[float | None, typer.Option("--budget-ms", help="Latency budget: ms per batch on --backend.")] = None,
-    speedup: Annotated[float | None, typer.Option("--speedup", help="Budget as a speedup over the unpruned export (e.g. 1.3).")] = None,
-    backend: Annotated[str, typer.Option("--backend", help="Where latency is measured: onnxruntime-cpu.")] = "onnxruntime-cpu",
+    budget_ms: Annotated[float | None, typer.Option(
+        "--budget-ms",
+        help="Latency budget: ms per batch on --backend.")] = None,
+    speedup: Annotated[float | None, typer.Option(
+        "--speedup",
+        help="Budget as a speedup over the unpruned export (e.g. 1.3).")] = None,
+    backend: Annotated[str, typer.Option(
+        "--backend",
+        help="Where latency is measured: onnxruntime-cpu.")] = "onnxruntime-cpu",
     batch: Annotated[int, typer.Option("--batch", help="Batch size of the latency runs.")] = 32,
-    methods: Annotated[str, typer.Option("--methods", help="Comma-separated: patch-ranking, patch-ranking-merge, tome, evit.")] = "patch-ranking,patch-ranking-merge,tome,evit",
+    methods: Annotated[str, typer.Option(
+        "--methods",
+        help="Comma-separated: patch-ranking, patch-ranking-merge, tome, evit.")] = _METHODS,
     stages: Annotated[str, typer.Option("--stages", help="Stage counts to search (comma-separated).")] = "1,2,3",
-    keep_ratios: Annotated[str, typer.Option("--keep-ratios", help="Fractions of patches kept to search (comma-separated).")] = _KEEPS,
-    margin: Annotated[float, typer.Option("--margin", help="FLOP pruning: keep ideal speedups in [S(1-m), S(1+3m)].")] = 0.05,
-    per_group: Annotated[int, typer.Option("--per-group", help="FLOP pruning: candidates kept per method, first block and stage count.")] = 2,
+    keep_ratios: Annotated[str, typer.Option(
+        "--keep-ratios",
+        help="Fractions of patches kept to search (comma-separated).")] = _KEEPS,
+    margin: Annotated[float, typer.Option(
+        "--margin",
+        help="FLOP pruning: keep ideal speedups in [S(1-m), S(1+3m)].")] = 0.05,
+    per_group: Annotated[int, typer.Option(
+        "--per-group",
+        help="FLOP pruning: candidates kept per method, first block and stage count.")] = 2,
     predictor: o.PredictorPath = None,
-    calib_split: Annotated[str, typer.Option("--calib-split", help="Split the candidates' accuracy is measured on (not the report split).")] = "train",
-    calib_limit: Annotated[int | None, typer.Option("--calib-limit", help="Seeded random subset of the calibration split.")] = 1000,
+    calib_split: Annotated[str, typer.Option(
+        "--calib-split",
+        help="Split the candidates' accuracy is measured on (not the report split).")] = "train",
+    calib_limit: Annotated[int | None, typer.Option(
+        "--calib-limit",
+        help="Seeded random subset of the calibration split.")] = 1000,
     seed: o.Seed = 0,
-    report_split: Annotated[str | None, typer.Option("--report-split", help="Afterwards, score the pick and --reference candidates on this split, timed side by side.")] = None,
-    reference: Annotated[list[str] | None, typer.Option("--reference", help="METHOD@SCHEDULE compared with the pick on --report-split (repeatable).")] = None,
-    compare: Annotated[str | None, typer.Option("--compare", help="Methods whose best candidate within the budget is compared with the pick on --report-split (default: every other searched method).")] = None,
-    speed_only: Annotated[bool, typer.Option("--speed-only", help="No accuracy (e.g. random weights): pick the candidate within the budget that prunes least.")] = False,
-    max_time: Annotated[float | None, typer.Option("--max-time", help="Stop measuring after this many seconds and report what was measured.")] = None,
+    report_split: Annotated[str | None, typer.Option(
+        "--report-split",
+        help="Afterwards, score the pick and --reference candidates on this split, timed side by side.")] = None,
+    reference: Annotated[list[str] | None, typer.Option(
+        "--reference",
+        help="METHOD@SCHEDULE compared with the pick on --report-split (repeatable).")] = None,
+    compare: Annotated[str | None, typer.Option(
+        "--compare",
+        help="Methods whose best candidate within the budget is compared with the pick on --report-split "
+             "(default: every other searched method).")] = None,
+    speed_only: Annotated[bool, typer.Option(
+        "--speed-only",
+        help="No accuracy (e.g. random weights): pick the candidate within the budget that prunes least.")] = False,
+    max_time: Annotated[float | None, typer.Option(
+        "--max-time",
+        help="Stop measuring after this many seconds and report what was measured.")] = None,
     warmup: Annotated[int, typer.Option("--warmup")] = 3,
     iters: Annotated[int, typer.Option("--iters", help="Timed interleaved iterations per candidate.")] = 20,
-    cache: Annotated[Path | None, typer.Option("--cache", help="Measurement cache (JSON; default OUT/cache.json): reruns reuse it.")] = None,
-    out: Annotated[Path, typer.Option("--out", "-o", help="Report folder: plan.json/md/png, pick/model.onnx + manifest.")] = Path("runs/plan"),
+    cache: Annotated[Path | None, typer.Option(
+        "--cache",
+        help="Measurement cache (JSON; default OUT/cache.json): reruns reuse it.")] = None,
+    out: Annotated[Path, typer.Option(
+        "--out", "-o",
+        help="Report folder: plan.json/md/png, pick/model.onnx + manifest.")] = Path("runs/plan"),
     as_json: o.Json = False,
     quiet: o.Quiet = False,
     verbose: o.Verbose = False,
@@ -91,7 +126,6 @@ def _run(pl, ps, a: dict, budget: dict, methods: list[str], stages: list[int], k
     from prtool.build import schedule_for
     from prtool.datasets import load_dataset
     from prtool.envinfo import collect_env
-    from prtool.errors import PrtoolError
     from prtool.manifest import write_json_atomic
     from prtool.models import load_clip
 
@@ -122,9 +156,10 @@ def _run(pl, ps, a: dict, budget: dict, methods: list[str], stages: list[int], k
             cands += pl.reference_candidates(loaded, a["reference"] or [])
             result["report"] = pl.verify(setup_, cands, load_dataset(a["data"], a["report_split"], a["image_root"]))
     _write(pl, out, result, write_json_atomic)
-    if result["pick"] is None:
-        raise PrtoolError(f"no measured candidate met the budget (report in {out}/plan.md): raise the budget, widen "
-                          "--keep-ratios/--stages" + (" or a larger --max-time" if result["stopped_early"] else ""))
+    if result["pick"] is None:  # a search that ran is a result: the front is reported, the missing pick said
+        logging.getLogger("prtool.plan").warning(
+            "warning: no measured candidate met the budget, nothing exported: raise the budget, widen --keep-ratios/"
+            "--stages" + (" or give a larger --max-time" if result["stopped_early"] else ""))
     return result
 
 
@@ -145,10 +180,11 @@ def _print(r: dict, out: Path) -> None:
     table(f"plan: budget {r['budget']['speedup']:.3f}x, calibration {r['split']} ({r['images']} images)",
           ["method", "schedule", "keep", "top-1 %", "speedup", "ideal", "in budget", "front"], rows)
     p = r["pick"]
-    print(f"pick: {p['method']} {p['schedule']} ({p['speedup']:.3f}x measured, top-1 {p['top1']}); "
-          f"{r['measured']} measured, {r['cached']} cached" + (", STOPPED by --max-time" if r["stopped_early"] else ""))
+    what = f"{p['method']} {p['schedule']} ({p['speedup']:.3f}x measured, top-1 {p['top1']})" if p else "none in budget"
+    print(f"pick: {what}; {r['measured']} measured, {r['cached']} cached"
+          + (", STOPPED by --max-time" if r["stopped_early"] else ""))
     if "report" in r:
         for x in r["report"]["rows"]:
             print(f"report split {r['report']['split']}: {x['role']} {x['method']} {x['schedule']}: "
                   f"top-1 {x['top1']:.2f}%, {x['speedup']:.3f}x")
-    print(f"export {r['export']['onnx']}; report in {out}/plan.md")
+    print((f"export {r['export']['onnx']}; " if "export" in r else "") + f"report in {out}/plan.md")
