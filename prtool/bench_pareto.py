@@ -110,14 +110,14 @@ def bench_pareto(loaded, dataset, schedules: list[Schedule], methods: list[str],
         hits[(method, sched_text)] = np.mean(per_seed, axis=0)
         row["top1"] = float(100 * hits[(method, sched_text)].mean())
         rows.append(row)
-    lat = _time_all(sessions, loaded, batch, warmup, iters)
+    lat = time_exports(sessions, loaded, batch, warmup, iters)
     _attach(rows, hits, lat)
     return {"model": loaded.model_id, "dataset": dataset.name, "split": dataset.split, "images": len(dataset),
             "backend": "onnxruntime CPU", "batch": batch, "threads": torch.get_num_threads(), "warmup": warmup,
             "iters": iters, "rows": rows, "front": pareto_front(rows)}
 
 
-def _time_all(paths: dict, loaded, batch: int, warmup: int, iters: int) -> dict:
+def time_exports(paths: dict, loaded, batch: int, warmup: int, iters: int) -> dict:
     from prtool.runtime import ort_session
 
     h, w = loaded.preprocess["image_size"]

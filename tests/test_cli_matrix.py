@@ -49,6 +49,9 @@ def _commands():
         ("tune-avit", lambda a, o: ["tune-avit", *TINY, "--split", "test", "--images", "8", "--calib-images", "4",
                                     "-s", "1:16", "-o", o / "a.safetensors"]),  # A-ViT (#23)
         ("avit-tokens", lambda a, o: ["avit-tokens", "--limit", "2"]),  # the testbed's shipped A-ViT weights
+        ("plan", lambda a, o: ["plan", *TINY, "-d", "testbed", "--speedup", "1.01", "--methods", "evit",
+                               "--stages", "1", "--keep-ratios", "0.3", "--margin", "0.5", "--calib-limit", "4", "--batch", "16",
+                               "--warmup", "1", "--iters", "3", "-o", o / "pl"]),
     ]
 
 
@@ -181,6 +184,9 @@ PATH_ARGS = [
     ("demo", "-o", lambda a, o: ["demo", "--limit", "2"], ("missing", "directory")),
     ("tune-avit", "-o", lambda a, o: ["tune-avit", *TINY, "--images", "8", "-s", "1:16"], ("missing", "safetensors")),
     ("avit-tokens", "--weights", lambda a, o: ["avit-tokens", "--limit", "2"], ()),
+    ("plan", "--predictor", lambda a, o: ["plan", *TINY, "--speedup", "1.2", "-o", o / "pl"], ()),
+    ("plan", "--cache", lambda a, o: ["plan", *TINY, "--speedup", "1.2", "-o", o / "pl"], ("missing",)),
+    ("plan", "-o", lambda a, o: ["plan", *TINY, "--speedup", "1.2"], ("missing", "directory")),
 ]
 CASES = [(cmd, opt, base, kind) for cmd, opt, base, ok in PATH_ARGS for kind in KINDS if kind not in ok]
 

@@ -55,6 +55,10 @@ app.command("tune-avit")(avit_cmd.tune_avit)
 app.command("avit-tokens")(avit_cmd.avit_tokens)
 app.add_typer(bench_cmd.app, name="bench")
 
+from prtool.cli import plan_cmd  # noqa: E402 - appended registration block
+
+app.command("plan")(plan_cmd.plan)
+
 
 def main() -> None:
     try:
