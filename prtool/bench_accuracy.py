@@ -32,7 +32,9 @@ _SCORER = {"patch-ranking": "predictor", "golden": "golden", "random": "random",
 
 
 def bench_accuracy(loaded, dataset, schedules: list[Schedule], methods: list[str], predictor: Path | None = None,
-                   rankings: Path | None = None, seeds: list[int] = (0, 1, 2), batch_size: int = 64) -> dict:
+                   rankings: Path | None = None, seeds: list[int] = (0, 1, 2), batch_size: int = 64,
+                   quantize: dict | None = None) -> dict:
+    """``quantize`` (``{"modes", "calib", "workdir"}``, prtool.quantize_bench) adds ONNX rows ``method+mode``."""
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         raise PrtoolError(f"unknown methods {unknown}: choose from {', '.join(METHODS)}")
@@ -68,6 +70,12 @@ def bench_accuracy(loaded, dataset, schedules: list[Schedule], methods: list[str
             enc, _ = build_pruned_encoder(loaded, EncoderSpec(sched, _SCORER[method], pred))
             rows.append(_row(method, sched, _merge(results), encoder_cost(enc), seeds=list(spec_seeds)))
     _add_paired(rows, hits)
+    if quantize:  # after _add_paired: quantized rows pair with their own method's FP32 row
+        from prtool.quantize_bench import add_quantized_rows
+
+        add_quantized_rows(rows, hits, loaded, dataset, class_emb, schedules,
+                           {m: _SCORER[m] for m in methods if m != "none"}, predictor=predictor,
+                           batch_size=batch_size, **quantize)
     return {"model": loaded.model_id, "dataset": dataset.name, "split": dataset.split, "images": len(dataset),
             "rows": rows}
 

@@ -53,6 +53,7 @@ class ExportResult:
     manifest_path: Path
     manifest: dict
     report: ValidationReport | None
+    encoder: torch.nn.Module | None = None  # the PyTorch module the graph was traced from (quantized exports)
 
 
 def output_names(with_indices: bool, with_logits: bool = False) -> list[str]:
@@ -193,6 +194,6 @@ def export_onnx(loaded: LoadedModel, spec: EncoderSpec, out: Path, options: Expo
         write_json_atomic(tmpdir / manifest_path.name, manifest)
         for f in tmpdir.iterdir():
             os.replace(f, out.parent / f.name)
-        return ExportResult(out, manifest_path, manifest, report)
+        return ExportResult(out, manifest_path, manifest, report, encoder)
     finally:
         shutil.rmtree(tmpdir, ignore_errors=True)

@@ -31,12 +31,18 @@ def accuracy(
     seeds: Annotated[str, typer.Option("--seeds", help="Seeds for random (comma-separated).")] = "0,1,2",
     limit: o.Limit = None,
     batch_size: o.BatchSize = 64,
+    quantize: Annotated[str | None, typer.Option(
+        "--quantize", help="Also score each pruned method's ONNX in onnxruntime as fp32,int8-dynamic,int8-qdq,fp16 "
+        "(comma list).")] = None,
+    calib_data: Annotated[str | None, typer.Option("--calib-data", help="Dataset calibrating int8-qdq.")] = None,
+    calib_images: Annotated[int, typer.Option("--calib-images", help="Calibration images (int8-qdq).")] = 64,
     as_json: o.Json = False,
     quiet: o.Quiet = False,
     verbose: o.Verbose = False,
 ):
     """Zero-shot accuracy, cosine to unpruned and GFLOPs of each method at the same schedules."""
     setup(quiet, verbose)
+    quant = quantize_option(quantize, calib_data, calib_images, out)
     check_output(out, "dir")
     for s in schedule or []:
         check_schedule_syntax(s)
@@ -61,12 +67,14 @@ def accuracy(
     if not scheds:
         raise PrtoolError("give at least one --schedule or --keep-ratios")
     result = bench_accuracy(loaded, dataset, scheds, [m.strip() for m in methods.split(",") if m.strip()],
-                            predictor, rankings, [int(s) for s in seeds.split(",")], batch_size)
+                            predictor, rankings, [int(s) for s in seeds.split(",")], batch_size, quant)
     result["environment"] = collect_env()
     result.update(dataset_note(dataset))
     out.mkdir(parents=True, exist_ok=True)
     write_json_atomic(out / "accuracy.json", result)
-    (out / "accuracy.md").write_text(markdown_table(result))
+    from prtool.quantize_bench import quantized_markdown
+
+    (out / "accuracy.md").write_text(markdown_table(result) + quantized_markdown(result))
     plot_accuracy_vs_flops(result, out / "accuracy_vs_gflops.png")
     emit(result, as_json, lambda r: _accuracy_table(r, out))
 
@@ -237,3 +245,15 @@ def pareto(
     (out / "pareto.md").write_text(bp.markdown_table(result))
     bp.plot_pareto(result, out / "pareto.png")
     emit(result, as_json, lambda r: print(bp.markdown_table(r) + f"\nreport in {out}/pareto.md, plot {out}/pareto.png"))
+
+
+def quantize_option(quantize: str | None, calib_data: str | None, calib_images: int, out: Path) -> dict | None:
+    """``--quantize a,b`` checked (unknown mode, int8-qdq without --calib-data: one-line errors, before any work)."""
+    if not quantize:
+        return None
+    from prtool.quantize_bench import check_modes
+
+    modes = [m.strip() for m in quantize.split(",") if m.strip()]
+    check_modes(modes, calib_data)
+    return {"modes": modes, "calib": {"data": calib_data, "images": calib_images, "seed": 0},
+            "workdir": out / "onnx"}

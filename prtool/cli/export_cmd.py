@@ -39,6 +39,13 @@ def export(
     data: Annotated[str | None, typer.Option("--data", "-d", help="Dataset whose class names make a zero-shot --classifier head.")] = None,
     recipe: Annotated[Path | None, typer.Option("--recipe", help="TOML recipe with defaults for these options.")] = None,
     allow_other_weights: o.AllowOtherWeights = False,
+    quantize: Annotated[str | None, typer.Option("--quantize", help="int8-dynamic, int8-qdq (calibrated Q/DQ) or fp16; "
+                                                 "the ranking/TopK/index path stays exact.")] = None,
+    calib_data: Annotated[str | None, typer.Option("--calib-data", help="Dataset calibrating int8-qdq (its train "
+                                                   "split).")] = None,
+    calib_split: Annotated[str, typer.Option("--calib-split", help="Split of --calib-data.")] = "train",
+    calib_images: Annotated[int, typer.Option("--calib-images", help="Calibration images (int8-qdq).")] = 64,
+    calib_seed: Annotated[int, typer.Option("--calib-seed", help="Seed drawing the calibration images.")] = 0,
     as_json: o.Json = False,
     quiet: o.Quiet = False,
     verbose: o.Verbose = False,
@@ -54,6 +61,12 @@ def export(
     from prtool.validate import Tolerances
 
     values = apply_recipe(recipe, ctx, params, section="export")
+    qopts = None
+    if quantize is not None:
+        from prtool.quantize import QuantizeOptions
+
+        qopts = QuantizeOptions(quantize, calib_data, calib_split, calib_images, calib_seed)
+        qopts.check()
     check_output(values["out"], suffixes=(".onnx",))
     check_schedule_syntax(values["schedule"])
     check_inputs(values["predictor"], tokens)
@@ -75,9 +88,15 @@ def export(
         from prtool.tune import export_extras
 
         extras = export_extras(loaded, spec, tokens, classifier, load_dataset(data, "test") if data else None, data)
+    kw = {"visual_prompts": extras["visual_prompts"], "extra_manifest": extras["manifest"],
+          "class_embeds": extras["class_embeds"]}
     try:
-        result = export_onnx(loaded, spec, values["out"], opts, visual_prompts=extras["visual_prompts"],
-                             extra_manifest=extras["manifest"], class_embeds=extras["class_embeds"])
+        if qopts is not None:
+            from prtool.quantize import export_quantized
+
+            result = export_quantized(loaded, spec, values["out"], opts, qopts, **kw)
+        else:
+            result = export_onnx(loaded, spec, values["out"], opts, **kw)
     except ValidationError as exc:
         if exc.report is not None and as_json:  # the report is the result, as `validate --json` prints it
             emit({"onnx": None, "manifest": None, "schedule": sched.to_string() or "none", "keep": list(sched.keep),
@@ -87,7 +106,7 @@ def export(
         raise
     summary = {"onnx": str(result.onnx_path), "manifest": str(result.manifest_path),
                "schedule": sched.to_string() or "none", "keep": list(sched.keep),
-               "predictor": result.manifest["predictor"],
+               "predictor": result.manifest["predictor"], "quantization": result.manifest.get("quantization"),
                "validation": result.report.to_dict() if result.report else None}
     if quiet and not as_json:
         print(result.onnx_path)
@@ -96,7 +115,8 @@ def export(
     def human(s):
         if result.report is not None:
             print_checks(result.report.checks, f"validation on {result.report.images}")
-        print(f"wrote {s['onnx']} and {s['manifest']} (schedule {s['schedule']}, keep {s['keep']})")
+        q = f", {s['quantization']['mode']}" if s["quantization"] else ""
+        print(f"wrote {s['onnx']} and {s['manifest']} (schedule {s['schedule']}, keep {s['keep']}{q})")
 
     emit(summary, as_json, human)
 
@@ -126,6 +146,10 @@ def inspect(
         if m:
             print(f"manifest: source {m['source']}, schedule {m['schedule']['string'] or 'none'}, scorer {m.get('scorer')}, "
                   f"preprocess {m['preprocess']['image_size']} mean {m['preprocess']['mean']}")
+            if m.get("quantization"):
+                from prtool.quantize import describe
+
+                print(describe(m["quantization"]))
         else:
             print("manifest: none beside the file")
 
