@@ -19,7 +19,6 @@ import torch
 from prtool.build import EncoderSpec, build_pruned_encoder, schedule_for
 from prtool.device import autocast, check_precision, device_report, resolve_device
 from prtool.errors import PrtoolError
-from prtool.export import ExportOptions, export_onnx
 from prtool.flops import encoder_cost
 from prtool.timing import cuda_event_clock, interleaved_latency, wall_clock
 
@@ -40,9 +39,9 @@ def _runner(backend: str, encoder, onnx_path: Path | None, device: torch.device,
     if backend == "torch":
         return _torch_runner(encoder.to(device), device, precision or "fp32", cuda_graphs)
     if backend == "onnxruntime":
-        from prtool.validate import ort_session
+        from prtool.quantize import session_for  # fp16 graphs need a narrower optimisation level
 
-        sess = ort_session(onnx_path)
+        sess = session_for(onnx_path)
         return lambda x: sess.run(None, {"pixel_values": x})
     if backend == "onnxruntime-cuda":
         from prtool.deploy.ort_gpu import OrtRunner
@@ -104,10 +103,14 @@ def _capture(enc, x, device: torch.device, precision: str) -> tuple:
 def bench_speed(loaded, schedule_text: str | None, keep_ratio: float | None, stages: int, first_block: int | None,
                 variants: list[str], backends: list[str], batch_sizes: list[int], predictor: Path | None = None,
                 warmup: int = 3, iters: int = 20, workdir: Path | None = None, device: str = "auto",
-                precision: str | None = None, cuda_graphs: bool = False) -> dict:
+                precision: str | None = None, cuda_graphs: bool = False, calib: dict | None = None) -> dict:
     """Time every variant on every backend, interleaved. ``device`` and ``precision`` (fp32, fp16 or
-    bf16 autocast; default fp32) apply to the torch backend; TensorRT builds in ``precision`` (default fp16)."""
-    unknown = [v for v in variants if v not in VARIANTS] + [b for b in backends if b not in BACKENDS]
+    bf16 autocast; default fp32) apply to the torch backend; TensorRT builds in ``precision`` (default fp16).
+    ``NAME+MODE`` variants (``patch-ranking+int8-qdq``) are quantized ONNX (``calib``: prtool.quantize_bench)."""
+    from prtool.quantize_bench import check_variants, export_variant
+
+    check_variants(variants, backends, calib)
+    unknown = [v for v in variants if v.split("+")[0] not in VARIANTS] + [b for b in backends if b not in BACKENDS]
     if unknown:
         raise PrtoolError(f"unknown variants/backends {unknown}: variants {VARIANTS}, backends {BACKENDS}")
     sched = schedule_for(loaded, schedule_text, keep_ratio, stages, first_block)
@@ -118,8 +121,10 @@ def bench_speed(loaded, schedule_text: str | None, keep_ratio: float | None, sta
         check_precision(precision)
     specs = {"baseline": EncoderSpec(schedule_for(loaded, "none"))}
     for v in variants:
+        base = v.split("+")[0]
         if v != "baseline":
-            specs[v] = EncoderSpec(sched, _SCORER[v], predictor if v.startswith("patch-ranking") else None)
+            specs[v] = specs["baseline"] if base == "baseline" else EncoderSpec(
+                sched, _SCORER[base], predictor if v.startswith("patch-ranking") else None)
     encoders, costs = {}, {}
     for name, spec in specs.items():
         encoders[name], _ = build_pruned_encoder(loaded, spec)
@@ -130,7 +135,7 @@ def bench_speed(loaded, schedule_text: str | None, keep_ratio: float | None, sta
         paths = {}
         if backend != "torch":
             for name, spec in specs.items():
-                paths[name] = export_onnx(loaded, spec, workdir / f"{name}.onnx", ExportOptions(validate=False)).onnx_path
+                paths[name] = export_variant(loaded, spec, name, workdir, calib)
         runners = {name: _runner(backend, encoders[name], paths.get(name), dev, batch_sizes, precision, cuda_graphs)
                    for name in specs}
         torch_cuda = backend == "torch" and dev.type == "cuda"

@@ -44,12 +44,34 @@ def export_modes(loaded, spec, modes: list[str], workdir: Path, calib: dict | No
         if mode == "fp32":
             paths[mode] = fp32
             continue
-        qopts = QuantizeOptions(mode, calib["data"] if mode == "int8-qdq" else None, calib_images=calib["images"],
-                                calib_seed=calib["seed"])
+        cal = calib or {"data": None, "images": 64, "seed": 0}
+        qopts = QuantizeOptions(mode, cal["data"] if mode == "int8-qdq" else None, calib_images=cal["images"],
+                                calib_seed=cal["seed"])
         pixels = calibration_batch(loaded.preprocess, qopts)[0] if mode == "int8-qdq" else None
         paths[mode] = workdir / f"{stem}.{mode}.onnx"
         quantize_onnx(fp32, paths[mode], qopts, pixels)
     return paths
+
+
+def check_variants(variants: list[str], backends: list[str], calib: dict | None) -> None:
+    """``bench speed`` variants ``NAME+MODE``: known modes, CPU onnxruntime only, int8-qdq calibrated."""
+    from prtool.quantize import split_variant
+
+    modes = [m for m in (split_variant(v)[1] for v in variants) if m]
+    if modes and set(backends) - {"onnxruntime"}:
+        raise PrtoolError("quantized variants (NAME+MODE) run in onnxruntime CPU: pass --backends onnxruntime")
+    check_modes(modes, (calib or {}).get("data"))
+
+
+def export_variant(loaded, spec, name: str, workdir: Path, calib: dict | None) -> Path:
+    """The ONNX of one ``bench speed`` variant (``NAME`` or ``NAME+MODE``), unvalidated, in ``workdir``."""
+    from prtool.export import ExportOptions, export_onnx
+    from prtool.quantize import split_variant
+
+    mode = split_variant(name)[1]
+    if mode is None:
+        return export_onnx(loaded, spec, workdir / f"{name}.onnx", ExportOptions(validate=False)).onnx_path
+    return export_modes(loaded, spec, [mode], workdir / name, calib, with_indices=False)[mode]
 
 
 def _normed(e: np.ndarray) -> np.ndarray:

@@ -174,3 +174,24 @@ def test_bad_quantize_input_is_one_line_and_writes_nothing(exported, checkpoint,
     assert code == 1 and len(lines) == 1 and message in lines[0], err
     assert not out.exists() and not out.with_suffix(".json").exists()
     assert not out.parent.exists() or list(out.parent.iterdir()) == []
+
+
+def test_bench_speed_and_accuracy_take_quantized_rows(tiny, tmp_path):
+    from prtool.bench_accuracy import bench_accuracy
+    from prtool.bench_speed import bench_speed
+    from prtool.build import schedule_for
+    from prtool.datasets import load_dataset
+
+    res = bench_speed(tiny, "1:16", None, 1, None, ["baseline", "cls-attn+int8-dynamic"], ["onnxruntime"], [2],
+                      warmup=1, iters=1, workdir=tmp_path / "s")
+    assert [r["variant"] for r in res["results"]] == ["baseline", "cls-attn+int8-dynamic"]
+    with pytest.raises(PrtoolError, match="needs --calib-data"):
+        bench_speed(tiny, "1:16", None, 1, None, ["cls-attn+int8-qdq"], ["onnxruntime"], [2], workdir=tmp_path)
+    data = load_dataset("testbed", "test").limit(6)
+    quant = {"modes": ["fp32", "int8-dynamic"], "calib": None, "workdir": tmp_path / "a"}
+    acc = bench_accuracy(tiny, data, [schedule_for(tiny, "1:16")], ["none", "cls-attn"], batch_size=3, quantize=quant)
+    rows = {r["method"]: r for r in acc["rows"]}
+    assert rows["cls-attn+fp32"]["top1"] == rows["cls-attn"]["top1"]  # the ONNX FP32 twin scores like PyTorch
+    assert rows["cls-attn+fp32"]["kept_set_agreement_with_fp32"] == 1.0
+    assert rows["cls-attn+int8-dynamic"]["paired_vs"] == "cls-attn (fp32 PyTorch)"
+    assert 0.5 < rows["cls-attn+int8-dynamic"]["cosine_to_fp32"] <= 1.0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 from typing import Annotated
 
@@ -107,6 +108,9 @@ def speed(
     device: o.Device = "auto",
     precision: Annotated[str | None, typer.Option("--precision", help="fp32, fp16 or bf16: the torch backend's autocast (default fp32) and TensorRT's build (default fp16).")] = None,
     cuda_graphs: Annotated[bool, typer.Option("--cuda-graphs", help="Torch backend on CUDA: replay each variant as a captured CUDA graph.")] = False,
+    calib_data: Annotated[str | None, typer.Option("--calib-data", help="Dataset calibrating NAME+int8-qdq "
+                                                   "variants.")] = None,
+    calib_images: Annotated[int, typer.Option("--calib-images", help="Calibration images (int8-qdq).")] = 64,
     as_json: o.Json = False,
     quiet: o.Quiet = False,
     verbose: o.Verbose = False,
@@ -127,13 +131,16 @@ def speed(
                          [v.strip() for v in variants.split(",") if v.strip()],
                          [b.strip() for b in backends.split(",") if b.strip()],
                          [int(b) for b in batch_sizes.split(",")], predictor, warmup, iters, workdir=out,
-                         device=device, precision=precision, cuda_graphs=cuda_graphs)
+                         device=device, precision=precision, cuda_graphs=cuda_graphs,
+                         calib={"data": calib_data, "images": calib_images, "seed": 0})
     result["environment"] = collect_env()
     write_json_atomic(out / "speed.json", result)
     (out / "speed.md").write_text(markdown_table(result))
     for f in out.glob("*.onnx"):  # the exported variants were only needed for timing
         f.unlink()
         f.with_suffix(".json").unlink(missing_ok=True)
+    for d in (d for d in out.glob("*+*") if d.is_dir()):  # quantized variants' folders
+        shutil.rmtree(d)
     emit(result, as_json, lambda r: print(markdown_table(r) + f"\nreport in {out}/speed.md"))
 
 
