@@ -195,3 +195,17 @@ def test_bench_speed_and_accuracy_take_quantized_rows(tiny, tmp_path):
     assert rows["cls-attn+fp32"]["kept_set_agreement_with_fp32"] == 1.0
     assert rows["cls-attn+int8-dynamic"]["paired_vs"] == "cls-attn (fp32 PyTorch)"
     assert 0.5 < rows["cls-attn+int8-dynamic"]["cosine_to_fp32"] <= 1.0
+
+
+def test_static_batch_rule_fails_a_batch_coupled_graph(exported, checkpoint, quantized):
+    """The dynamic graph judged by the static (exact) rule: the batch-independence row must fail."""
+    from prtool.build import EncoderSpec, build_pruned_encoder, schedule_for
+    from prtool.models import load_clip
+    from prtool.quantize_check import validate_quantized
+
+    loaded = load_clip("prtool-tiny", str(checkpoint))
+    spec = EncoderSpec(schedule_for(loaded, "1:16,2:16"), "predictor", exported[1], "flat")
+    encoder, _ = build_pruned_encoder(loaded, spec, normalize=True, return_indices=True)
+    report = validate_quantized(quantized["int8-dynamic"], encoder, "int8-qdq", preprocess=loaded.preprocess)
+    row = next(c for c in report.checks if c["check"] == "per-sample batch independence")
+    assert not row["passed"], row
