@@ -39,8 +39,10 @@ def _resolve(methods: list[str], predictor: Path | None, rankings: Path | None) 
 
 
 def bench_accuracy(loaded, dataset, schedules: list[Schedule], methods: list[str], predictor: Path | None = None,
-                   rankings: Path | None = None, seeds: list[int] = (0, 1, 2), batch_size: int = 64) -> dict:
-    """Rows labelled by the method names given (``prtool.methods``; the unpruned row is ``none``)."""
+                   rankings: Path | None = None, seeds: list[int] = (0, 1, 2), batch_size: int = 64,
+                   quantize: dict | None = None) -> dict:
+    """Rows labelled by the method names given (``prtool.methods``; the unpruned row is ``none``). ``quantize``
+    (``{"modes", "calib", "workdir"}``, prtool.quantize_bench) adds ONNX rows ``method+mode``."""
     pruned = _resolve(methods, predictor, rankings)
     class_emb = text_classifier(loaded, dataset)
     # The unpruned row is always measured: it anchors every comparison.
@@ -65,6 +67,12 @@ def bench_accuracy(loaded, dataset, schedules: list[Schedule], methods: list[str
             enc, _ = build_pruned_encoder(loaded, method_spec(method, sched, predictor))
             rows.append(_row(name, sched, _merge(results), encoder_cost(enc), seeds=list(spec_seeds)))
     _add_paired(rows, hits)
+    if quantize:  # after _add_paired: quantized rows pair with their own method's FP32 row
+        from prtool.quantize_bench import add_quantized_rows
+
+        add_quantized_rows(rows, hits, loaded, dataset, class_emb, schedules,
+                           pruned, predictor=predictor,
+                           batch_size=batch_size, **quantize)
     return {"model": loaded.model_id, "dataset": dataset.name, "split": dataset.split, "images": len(dataset),
             "rows": rows}
 

@@ -20,7 +20,6 @@ from prtool import methods
 from prtool.build import build_pruned_encoder, method_spec, schedule_for
 from prtool.device import autocast, check_precision, device_report, resolve_device
 from prtool.errors import PrtoolError
-from prtool.export import ExportOptions, export_onnx
 from prtool.flops import encoder_cost
 from prtool.io_names import PIXELS
 from prtool.timing import cuda_event_clock, interleaved_latency, wall_clock
@@ -107,13 +106,17 @@ def _capture(enc, x, device: torch.device, precision: str) -> tuple:
 def bench_speed(loaded, schedule_text: str | None, keep_ratio: float | None, stages: int, first_block: int | None,
                 variants: list[str], backends: list[str], batch_sizes: list[int], predictor: Path | None = None,
                 warmup: int = 3, iters: int = 20, workdir: Path | None = None, device: str = "auto",
-                precision: str | None = None, cuda_graphs: bool = False) -> dict:
+                precision: str | None = None, cuda_graphs: bool = False, calib: dict | None = None) -> dict:
     """Time every variant on every backend, interleaved. ``device`` and ``precision`` (fp32, fp16 or
-    bf16 autocast; default fp32) apply to the torch backend; TensorRT builds in ``precision`` (default fp16)."""
+    bf16 autocast; default fp32) apply to the torch backend; TensorRT builds in ``precision`` (default fp16).
+    ``NAME+MODE`` variants (``patch-ranking+int8-qdq``) are quantized ONNX (``calib``: prtool.quantize_bench)."""
+    from prtool.quantize_bench import check_variants, export_variant
+
+    check_variants(variants, backends, calib)
     unknown = [b for b in backends if b not in BACKENDS]
     if unknown:
         raise PrtoolError(f"unknown backends {unknown}: use {', '.join(BACKENDS)}")
-    chosen = {v: methods.get_method(v, "speed") for v in variants}
+    chosen = {v: methods.get_method(v.split("+")[0], "speed") for v in variants}
     sched = schedule_for(loaded, schedule_text, keep_ratio, stages, first_block)
     if sched.is_empty:
         raise PrtoolError("bench speed needs a pruning schedule (--schedule or --keep-ratio)")
@@ -121,7 +124,8 @@ def bench_speed(loaded, schedule_text: str | None, keep_ratio: float | None, sta
     if precision is not None:
         check_precision(precision)
     specs = {"baseline": method_spec(methods.METHODS["none"], sched)}
-    specs.update({v: method_spec(m, sched, predictor) for v, m in chosen.items() if m.name != "none"})
+    specs.update({v: specs["baseline"] if m.name == "none" else method_spec(m, sched, predictor)
+                  for v, m in chosen.items() if v != "baseline"})
     encoders, costs = {}, {}
     for name, spec in specs.items():
         encoders[name], _ = build_pruned_encoder(loaded, spec)
@@ -132,8 +136,7 @@ def bench_speed(loaded, schedule_text: str | None, keep_ratio: float | None, sta
         paths = {}
         if backend != "torch":
             for name, spec in specs.items():
-                paths[name] = export_onnx(loaded, spec, workdir / f"{name}.onnx",
-                                          ExportOptions(validate=False)).onnx_path
+                paths[name] = export_variant(loaded, spec, name, workdir, calib)
         runners = {name: _runner(backend, encoders[name], paths.get(name), dev, batch_sizes, precision, cuda_graphs)
                    for name in specs}
         torch_cuda = backend == "torch" and dev.type == "cuda"

@@ -48,6 +48,7 @@ class ExportResult:
     manifest_path: Path
     manifest: dict
     report: ValidationReport | None
+    encoder: torch.nn.Module | None = None  # the PyTorch module the graph was traced from (quantized exports)
 
 
 class WithClassifier(torch.nn.Module):
@@ -162,7 +163,7 @@ def export_onnx(loaded: LoadedModel, spec: EncoderSpec, out: Path, options: Expo
                                   extra=extra_manifest)
         manifest_path = out.with_suffix(".json")
         write_json_atomic(tmpdir / manifest_path.name, manifest)
-    return ExportResult(out, manifest_path, manifest, report)
+    return ExportResult(out, manifest_path, manifest, report, encoder)
 
 
 def _validate_export(path: Path, encoder, names: list[str], spec: EncoderSpec, options: ExportOptions,

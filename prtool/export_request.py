@@ -39,13 +39,32 @@ class ExportRequest:
     classifier: bool = False
     data: str | None = None
     allow_other_weights: bool = False
+    quantize: str | None = None  # int8-dynamic, int8-qdq or fp16 (prtool.quantize)
+    calib_data: str | None = None
+    calib_split: str = "train"
+    calib_images: int = 64
+    calib_seed: int = 0
+
+    def quantize_options(self):
+        """The :class:`prtool.quantize.QuantizeOptions` of ``--quantize`` (checked), or None."""
+        if self.quantize is None:
+            return None
+        from prtool.quantize import QuantizeOptions
+
+        qopts = QuantizeOptions(self.quantize, self.calib_data, self.calib_split, self.calib_images, self.calib_seed)
+        qopts.check()
+        return qopts
+
+    def check_quantize(self) -> None:
+        """Refuse a bad ``--quantize``/``--calib-*`` before any work (one line, nothing written)."""
+        self.quantize_options()
 
 
 def export_summary(sched, result) -> dict:
     """The command's result: where the files went, the schedule, the predictor and the validation report."""
     return {"onnx": str(result.onnx_path), "manifest": str(result.manifest_path),
             "schedule": sched.to_string() or "none", "keep": list(sched.keep),
-            "predictor": result.manifest["predictor"],
+            "predictor": result.manifest["predictor"], "quantization": result.manifest.get("quantization"),
             "validation": result.report.to_dict() if result.report else None}
 
 
@@ -90,6 +109,13 @@ def run_export(req: ExportRequest) -> tuple[dict, object]:
     pred = resolve_predictor(loaded, sched, req.scorer, req.predictor)
     spec = EncoderSpec(sched, req.scorer, pred, req.gather, allow_other_weights=req.allow_other_weights)
     extras = _extras(loaded, spec, req)
-    result = export_onnx(loaded, spec, req.out, export_options(req), visual_prompts=extras["visual_prompts"],
-                         extra_manifest=extras["manifest"], class_embeds=extras["class_embeds"])
+    kw = {"visual_prompts": extras["visual_prompts"], "extra_manifest": extras["manifest"],
+          "class_embeds": extras["class_embeds"]}
+    qopts = req.quantize_options()
+    if qopts is not None:
+        from prtool.quantize import export_quantized
+
+        result = export_quantized(loaded, spec, req.out, export_options(req), qopts, **kw)
+    else:
+        result = export_onnx(loaded, spec, req.out, export_options(req), **kw)
     return export_summary(sched, result), result.report

@@ -18,6 +18,8 @@ def _commands():
     return [
         ("env", lambda a, o: ["env"]),
         ("export", lambda a, o: ["export", *TINY, *S, "--predictor", a.predictor, "-o", o / "m.onnx"]),
+        ("export", lambda a, o: ["export", *TINY, *S, "--predictor", a.predictor, "--quantize", "int8-dynamic",
+                                 "-o", o / "q.onnx"]),
         ("inspect", lambda a, o: ["inspect", a.onnx]),
         ("rank", lambda a, o: ["rank", *TINY, "-d", "testbed", "--split", "test", "--limit", "2", "--stride", "2",
                                "-o", o / "rk"]),
@@ -129,6 +131,8 @@ PATH_ARGS = [
     ("export", "--images", lambda a, o: ["export", *TINY, "--no-prune", "-o", o / "m.onnx"], ()),
     ("export", "--recipe", lambda a, o: ["export", *TINY, "--no-prune", "-o", o / "m.onnx"], ()),
     ("export", "-o", lambda a, o: ["export", *TINY, "--no-prune"], ("missing", "onnx")),
+    ("export", "--calib-data", lambda a, o: ["export", *TINY, "--no-prune", "--quantize", "int8-qdq",
+                                             "-o", o / "m.onnx"], ()),
     ("inspect", None, lambda a, o: ["inspect"], ("onnx",)),
     ("rank", "-d", lambda a, o: ["rank", *TINY, "--limit", "2", "-o", o / "rk"], ()),
     ("rank", "-o", lambda a, o: ["rank", *TINY, "-d", "testbed", "--limit", "2"], ("missing", "directory")),

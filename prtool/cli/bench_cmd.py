@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 from typing import Annotated
 
@@ -37,12 +38,18 @@ def accuracy(
     seeds: Annotated[str, typer.Option("--seeds", help="Seeds for random (comma-separated).")] = "0,1,2",
     limit: o.Limit = None,
     batch_size: o.BatchSize = 64,
+    quantize: Annotated[str | None, typer.Option(
+        "--quantize", help="Also score each pruned method's ONNX in onnxruntime as fp32,int8-dynamic,int8-qdq,fp16 "
+        "(comma list).")] = None,
+    calib_data: Annotated[str | None, typer.Option("--calib-data", help="Dataset calibrating int8-qdq.")] = None,
+    calib_images: Annotated[int, typer.Option("--calib-images", help="Calibration images (int8-qdq).")] = 64,
     as_json: o.Json = False,
     quiet: o.Quiet = False,
     verbose: o.Verbose = False,
 ):
     """Zero-shot accuracy, cosine to unpruned and GFLOPs of each method at the same schedules."""
     setup(quiet, verbose)
+    quant = quantize_option(quantize, calib_data, calib_images, out)
     check_output(out, "dir")
     for s in schedule or []:
         check_schedule_syntax(s)
@@ -67,10 +74,13 @@ def accuracy(
     if not scheds:
         raise PrtoolError("give at least one --schedule or --keep-ratios")
     result = bench_accuracy(loaded, dataset, scheds, [m.strip() for m in methods.split(",") if m.strip()],
-                            predictor, rankings, [int(s) for s in seeds.split(",")], batch_size)
+                            predictor, rankings, [int(s) for s in seeds.split(",")], batch_size, quant)
     result["environment"] = collect_env()
     result.update(dataset_note(dataset))
-    write_report(out, "accuracy", result, markdown_table(result), plot_accuracy_vs_flops, "accuracy_vs_gflops.png")
+    from prtool.quantize_bench import quantized_markdown
+
+    write_report(out, "accuracy", result, markdown_table(result) + quantized_markdown(result), plot_accuracy_vs_flops,
+                 "accuracy_vs_gflops.png")
     emit(result, as_json, lambda r: _accuracy_table(r, out))
 
 
@@ -109,6 +119,9 @@ def speed(
     cuda_graphs: Annotated[bool, typer.Option("--cuda-graphs",
                                               help="Torch backend on CUDA: replay each variant as a captured CUDA "
                                                    "graph.")] = False,
+    calib_data: Annotated[str | None, typer.Option("--calib-data", help="Dataset calibrating NAME+int8-qdq "
+                                                   "variants.")] = None,
+    calib_images: Annotated[int, typer.Option("--calib-images", help="Calibration images (int8-qdq).")] = 64,
     as_json: o.Json = False,
     quiet: o.Quiet = False,
     verbose: o.Verbose = False,
@@ -129,12 +142,15 @@ def speed(
                          [v.strip() for v in variants.split(",") if v.strip()],
                          [b.strip() for b in backends.split(",") if b.strip()],
                          [int(b) for b in batch_sizes.split(",")], predictor, warmup, iters, workdir=out,
-                         device=device, precision=precision, cuda_graphs=cuda_graphs)
+                         device=device, precision=precision, cuda_graphs=cuda_graphs,
+                         calib={"data": calib_data, "images": calib_images, "seed": 0})
     result["environment"] = collect_env()
     write_report(out, "speed", result, markdown_table(result))
     for f in out.glob("*.onnx"):  # the exported variants were only needed for timing
         f.unlink()
         f.with_suffix(".json").unlink(missing_ok=True)
+    for d in (d for d in out.glob("*+*") if d.is_dir()):  # quantized variants' folders
+        shutil.rmtree(d)
     emit(result, as_json, lambda r: print(markdown_table(r) + f"\nreport in {out}/speed.md"))
 
 
@@ -250,3 +266,15 @@ def pareto(
         result.update(dataset_note(dataset))
     write_report(out, "pareto", result, bp.markdown_table(result), bp.plot_pareto)
     emit(result, as_json, lambda r: print(bp.markdown_table(r) + f"\nreport in {out}/pareto.md, plot {out}/pareto.png"))
+
+
+def quantize_option(quantize: str | None, calib_data: str | None, calib_images: int, out: Path) -> dict | None:
+    """``--quantize a,b`` checked (unknown mode, int8-qdq without --calib-data: one-line errors, before any work)."""
+    if not quantize:
+        return None
+    from prtool.quantize_bench import check_modes
+
+    modes = [m.strip() for m in quantize.split(",") if m.strip()]
+    check_modes(modes, calib_data)
+    return {"modes": modes, "calib": {"data": calib_data, "images": calib_images, "seed": 0},
+            "workdir": out / "onnx"}

@@ -42,6 +42,12 @@ Classifier = Annotated[bool, Opt(
 Data = Annotated[str | None, Opt("--data", "-d", help="Dataset whose class names make a zero-shot --classifier head.")]
 Recipe = Annotated[Path | None, Opt(
     "--recipe", help="TOML recipe; its \\[export] table gives defaults for these options.")]
+Quantize = Annotated[str | None, Opt("--quantize", help="int8-dynamic, int8-qdq (calibrated Q/DQ) or fp16; the "
+                                                       "ranking/TopK/index path stays exact.")]
+CalibData = Annotated[str | None, Opt("--calib-data", help="Dataset calibrating int8-qdq (its train split).")]
+CalibSplit = Annotated[str, Opt("--calib-split", help="Split of --calib-data.")]
+CalibImages = Annotated[int, Opt("--calib-images", help="Calibration images (int8-qdq).")]
+CalibSeed = Annotated[int, Opt("--calib-seed", help="Seed drawing the calibration images.")]
 
 D = ExportRequest()  # the defaults: one place, the dataclass
 
@@ -74,6 +80,11 @@ def export(
     data: Data = D.data,
     recipe: Recipe = None,
     allow_other_weights: o.AllowOtherWeights = D.allow_other_weights,
+    quantize: Quantize = D.quantize,
+    calib_data: CalibData = D.calib_data,
+    calib_split: CalibSplit = D.calib_split,
+    calib_images: CalibImages = D.calib_images,
+    calib_seed: CalibSeed = D.calib_seed,
     as_json: o.Json = False,
     quiet: o.Quiet = False,
     verbose: o.Verbose = False,
@@ -83,6 +94,7 @@ def export(
     setup(quiet, verbose)
     from prtool.export_request import run_export
 
+    req.check_quantize()
     check_output(req.out, suffixes=(".onnx",))
     check_schedule_syntax(req.schedule)
     check_inputs(req.predictor, req.tokens)
@@ -99,7 +111,8 @@ def _print_export(summary: dict, report, as_json: bool, quiet: bool) -> None:
     def human(s):
         if report is not None:
             print_checks(report.checks, f"validation on {report.images}")
-        print(f"wrote {s['onnx']} and {s['manifest']} (schedule {s['schedule']}, keep {s['keep']})")
+        q = f", {s['quantization']['mode']}" if s.get("quantization") else ""
+        print(f"wrote {s['onnx']} and {s['manifest']} (schedule {s['schedule']}, keep {s['keep']}{q})")
 
     emit(summary, as_json, human)
 
@@ -129,6 +142,10 @@ def inspect(
         if m:
             print(f"manifest: source {m['source']}, schedule {m['schedule']['string'] or 'none'}, scorer {m.get('scorer')}, "
                   f"preprocess {m['preprocess']['image_size']} mean {m['preprocess']['mean']}")
+            if m.get("quantization"):
+                from prtool.quantize import describe
+
+                print(describe(m["quantization"]))
         else:
             print("manifest: none beside the file")
 

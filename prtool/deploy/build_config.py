@@ -226,7 +226,10 @@ def resolve_build_config(onnx_path: Path, precision: str | None = None, min_batc
     profile = _input_profile(model, onnx_path, min_batch, opt_batch, max_batch)
     types = graph_float_types(model)
     major = resolve_major(trt_version, installed_tensorrt())
-    precision = _resolve_precision(precision, strongly_typed, types, major)
+    from prtool.quantize import trt_precision
+
+    qdq = trt_precision(model, precision) == "graph"  # explicit INT8 quantization: strongly typed, no flags
+    precision = "graph" if qdq else _resolve_precision(precision, strongly_typed, types, major)
     strongly_typed = strongly_typed or precision == "graph"  # the graph's types decide: a typed network on 10 too
     if workspace_mib is not None and workspace_mib <= 0:
         raise PrtoolError(f"--workspace {workspace_mib} must be a positive number of MiB")
@@ -248,7 +251,10 @@ def resolve_build_config(onnx_path: Path, precision: str | None = None, min_batc
     if mixed is not None:
         notes.append(f"TensorRT {major} builds {precision} from a mixed-precision ONNX: prtool writes {mixed} first "
                      "(LayerNorm, Softmax, ranking scores and index path in FP32; `--mixed-onnx-only` writes just it)")
-    if precision == "graph" and types == ("fp32",):
+    if qdq:
+        notes.append("explicit quantization: INT8 from the graph's Q/DQ nodes, built strongly typed (no calibrator, "
+                     "no precision flags)")
+    elif precision == "graph" and types == ("fp32",):
         notes.append("strongly typed FP32 graph: the engine runs in FP32 (pass --precision fp16 for a mixed-precision "
                      "build)")
     return BuildConfig(onnx=onnx_path, onnx_sha256=sha256_file(onnx_path), profile=profile, precision=precision,
