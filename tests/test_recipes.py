@@ -34,6 +34,7 @@ def outputs(m):
     return [o["name"] for o in m["outputs"]]
 
 
+QDQ = {"quantize": "int8-qdq", "calib_images": 4}  # a calibrated export: what the --calib-* keys act on
 # key -> (value, other keys of the case (over the base), check(exit code, summary, manifest, stderr, artifacts))
 EXPORT_CASES = {
     "model": ("prtool-tiny", {}, lambda c, s, m, e, a: m["source"]["model"] == "prtool-tiny"),
@@ -67,6 +68,14 @@ EXPORT_CASES = {
     "data": ("testbed", {"classifier": True}, lambda c, s, m, e, a: m["classifier_data"] == "testbed"),
     "allow_other_weights": (True, {"pretrained": "CHECKPOINT"},
                             lambda c, s, m, e, a: c == 0 and m["allow_other_weights"] is True),
+    "quantize": ("int8-dynamic", {}, lambda c, s, m, e, a: m["quantization"]["mode"] == "int8-dynamic"),
+    "calib_data": ("testbed", QDQ, lambda c, s, m, e, a: m["quantization"]["calibration"]["dataset"] == "testbed"),
+    "calib_split": ("test", {**QDQ, "calib_data": "testbed"},
+                    lambda c, s, m, e, a: m["quantization"]["calibration"]["split"] == "test"),
+    "calib_images": (3, {**QDQ, "calib_data": "testbed"},
+                     lambda c, s, m, e, a: m["quantization"]["calibration"]["images"] == 3),
+    "calib_seed": (5, {**QDQ, "calib_data": "testbed"},
+                   lambda c, s, m, e, a: m["quantization"]["calibration"]["seed"] == 5),
 }
 EXPORT_BASE = {"model": "prtool-tiny", "pretrained": "none", "schedule": "1:16", "scorer": "predictor",
                "predictor": "PREDICTOR", "out": "OUT"}
