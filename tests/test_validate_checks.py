@@ -73,6 +73,12 @@ def test_kept_sets_agree_up_to_ties_only():
     assert compare_kept(got, ref, tied, 1e-5)["untied_differences"] == 1
 
 
+def test_the_boundary_is_the_kth_highest_score():
+    got, ref = np.array([[0, 1, 2]]), np.array([[0, 3, 4]])
+    scores = np.array([[9.0, 8.0, 6.0, 5.0, 5.0]])  # boundary 6 (3rd highest): only patch 2 is tied with it
+    assert compare_kept(got, ref, scores, 1e-5)["untied_differences"] == 3
+
+
 def test_tie_eps_is_relative_to_the_boundary_score():
     got, ref = np.array([[0, 1]]), np.array([[0, 2]])
     scores = np.array([[300.0, 200.0, 200.0015]])  # boundary 200.0015: a gap of 0.0015 = 7.5e-6 relative
