@@ -106,6 +106,11 @@ def test_topk_order_allows_ties_and_counts_every_row():
     assert topk_order_violations(np.array([[1, 0], [1, 2]]), scores, 1e-5) == 2
     big = np.array([[1000.0, 1000.005, 0.0]])  # relative tie: 0.005 <= 1e-5 * 1000.005
     assert topk_order_violations(np.array([[0, 1]]), big, 1e-5) == 0
+    assert topk_order_violations(np.array([[2, 0], [2, 1]]), scores, 1e-5) == 1  # only the first row is wrong
+    small = np.array([[1.0, 1.000015]])  # |score| < 2: the gap 1.5e-5 exceeds 1e-5 * max(1, 1.000015)
+    assert topk_order_violations(np.array([[0]]), small, 1e-5) == 1
+    exact = np.array([[2.0, 1.5]])  # a gap exactly at the bound (0.25 * 2) is a tie
+    assert topk_order_violations(np.array([[1]]), exact, 0.25) == 0
 
 
 def _graph(path, k=2, k_constant=True, topks=1, dims=("batch", 4)):
