@@ -79,6 +79,13 @@ def test_the_boundary_is_the_kth_highest_score():
     assert compare_kept(got, ref, scores, 1e-5)["untied_differences"] == 3
 
 
+def test_untied_differences_add_up_over_rows_and_a_gap_at_the_bound_is_a_tie():
+    scores = np.array([[3.0, 2.0, 1.0], [3.0, 2.0, 1.0]])  # each row: patch 2 is below the boundary (2)
+    assert compare_kept(np.array([[0, 1], [0, 1]]), np.array([[0, 2], [0, 2]]), scores, 1e-5)["untied_differences"] == 2
+    exact = np.array([[3.0, 2.0, 1.5]])  # 1.5 is 0.25 * 2 below the boundary 2: exactly at the bound
+    assert compare_kept(np.array([[0, 1]]), np.array([[0, 2]]), exact, 0.25)["untied_differences"] == 0
+
+
 def test_tie_eps_is_relative_to_the_boundary_score():
     got, ref = np.array([[0, 1]]), np.array([[0, 2]])
     scores = np.array([[300.0, 200.0, 200.0015]])  # boundary 200.0015: a gap of 0.0015 = 7.5e-6 relative
