@@ -35,15 +35,19 @@ lint: install
 clean:
 	rm -rf runs .pytest_cache build *.egg-info prtool.egg-info
 
-# Mutation testing of the core (prtool/pruned.py, peers.py, validate.py, rank_store.py, schedule.py,
-# predictor.py) against the tests that cover them; scope in pyproject.toml [tool.mutmut]. Not in CI.
+# Mutation testing of the core against the tests that cover it (mutmut; files and tests in pyproject.toml
+# [tool.mutmut]). MUTATE_SCOPE picks the functions: the pruned encoder's select/gather path and its peers, validation
+# checks, the rankings store's verify/resume path, predictor/weights checks, schedules. `make mutate MUTATE_SCOPE=`
+# mutates every function of those files. Score and survivors: `mutmut results`, benchmarks/mutate_score.py. Not in CI.
+MUTATE_SCOPE ?= prtool.validate.*compare_kept__* prtool.validate.*topk_order_violations__* \
+	prtool.pruned.*select__* prtool.pruned.*tokens_before__* prtool.schedule.*tokens_per_block__*
 .PHONY: mutate
 mutate: install
 	$(PY) -m pip install -q -e '.[dev,mutate]'
 	rm -rf mutants
-	$(VENV)/bin/mutmut run --max-children $${MUTATE_JOBS:-2} || true
-	$(VENV)/bin/mutmut export-cicd-stats
-	$(VENV)/bin/mutmut results
+	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(VENV)/bin/mutmut run --max-children $${MUTATE_JOBS:-2} \
+		$(foreach g,$(MUTATE_SCOPE),'$(g)') || true
+	$(PY) benchmarks/mutate_score.py $(foreach g,$(MUTATE_SCOPE),'$(g)')
 
 # Consumers outside Python (export/cpp, export/web); tests/test_consumers.py builds them itself too.
 .PHONY: consumers

@@ -35,6 +35,7 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.skip(reason="no CUDA GPU on this machine"))
         if item.get_closest_marker("trt") and not has_trt:
             item.add_marker(pytest.mark.skip(reason="TensorRT or a GPU is missing"))
+    order_for_mutmut(items)
 
 
 @pytest.fixture(scope="session")
@@ -127,3 +128,15 @@ def exported(checkpoint, tmp_path_factory):
     res = export_onnx(loaded, EncoderSpec(schedule_for(loaded, "1:16,2:16"), "predictor", predictor, "flat"),
                       work / "m.onnx", ExportOptions(with_kept_indices=True, validate=False))
     return res.onnx_path, predictor
+
+
+def order_for_mutmut(items) -> None:
+    """Under `make mutate` (mutmut sets MUTANT_UNDER_TEST and runs in mutants/), a mutant's tests run fastest
+    first (durations from mutmut's own stats), so a killed mutant costs its fastest failing test, not a random one."""
+    stats = Path("mutmut-stats.json")
+    if "MUTANT_UNDER_TEST" not in os.environ or not stats.is_file():
+        return
+    import json
+
+    duration = json.loads(stats.read_text()).get("duration_by_test", {})
+    items.sort(key=lambda item: duration.get(item.nodeid, float("inf")))
