@@ -29,8 +29,6 @@ log = logging.getLogger(__name__)
 MODES = ("int8-dynamic", "int8-qdq", "fp16")
 INT8_OPS = {"int8-dynamic": ("MatMul", "Gemm"), "int8-qdq": ("MatMul", "Gemm", "Conv")}
 NEVER_OPS = ("TopK", "Gather", "GatherElements", "GatherND", "ScatterElements")
-QUANT_OPS = ("QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "MatMulInteger", "ConvInteger",
-             "QLinearMatMul", "QLinearConv")
 
 
 @dataclass(frozen=True)

@@ -37,6 +37,11 @@ PRESETS = {"int8-dynamic": QuantTolerances(), "int8-qdq": QuantTolerances(),
            "fp16": QuantTolerances(min_cosine=0.999, min_mean_cosine=0.9995, min_kept_agreement=0.97)}
 
 
+# the ops a quantizer adds: none may touch the never-quantized path (prtool.quantize.never_quantized)
+QUANT_OPS = ("QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "MatMulInteger", "ConvInteger",
+             "QLinearMatMul", "QLinearConv")
+
+
 def _producers(model) -> dict[str, object]:
     return {t: n for n in model.graph.node for t in n.output}
 
@@ -54,7 +59,6 @@ def check_quantized_graph(model, never: list[str]) -> list[str]:
     quantize, a TopK whose K is not a constant, or an index path that is not int64."""
     from prtool.deploy.mixed_precision import index_path_nodes
     from prtool.onnx_graph import topk_nodes
-    from prtool.quantize import QUANT_OPS
 
     nodes = {n.name: n for n in model.graph.node}
     prod, cons = _producers(model), _consumers(model)

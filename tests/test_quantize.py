@@ -49,8 +49,8 @@ def _by_output(model):
 @pytest.mark.parametrize("mode", ["int8-dynamic", "int8-qdq"])
 def test_topk_k_constant_and_index_path_int64_and_unquantized(exported, quantized, mode):
     from prtool.onnx_graph import load_onnx, op_histogram, topk_nodes
-    from prtool.quantize import QUANT_OPS, never_quantized
-    from prtool.quantize_check import check_quantized_graph
+    from prtool.quantize import never_quantized
+    from prtool.quantize_check import QUANT_OPS, check_quantized_graph
 
     fp32 = load_onnx(exported[0])
     never = never_quantized(fp32)  # from the FP32 graph, before quantization
