@@ -39,8 +39,9 @@ clean:
 # [tool.mutmut]). MUTATE_SCOPE picks the functions: the pruned encoder's select/gather path and its peers, validation
 # checks, the rankings store's verify/resume path, predictor/weights checks, schedules. `make mutate MUTATE_SCOPE=`
 # mutates every function of those files. Score and survivors: `mutmut results`, benchmarks/mutate_score.py. Not in CI.
-MUTATE_SCOPE ?= prtool.validate.*compare_kept__* prtool.validate.*topk_order_violations__* \
-	prtool.pruned.*select__* prtool.pruned.*tokens_before__* prtool.schedule.*tokens_per_block__*
+MUTATE_SCOPE ?= prtool.export.validate.*compare_kept__* prtool.export.validate.*topk_order_violations__* \
+	prtool.encoder.pruned.*select__* prtool.encoder.pruned.*tokens_before__* \
+	prtool.encoder.schedule.*tokens_per_block__*
 .PHONY: mutate
 mutate: install
 	$(PY) -m pip install -q -e '.[dev,mutate]'

@@ -33,7 +33,7 @@ TESTBED_SCHEDULE = "1:20,2:20,3:19,4:19"
 
 def speed_variants() -> list[str]:
     """The speed variants; rank-and-merge only where this prtool has it."""
-    from prtool.bench_speed import VARIANTS
+    from prtool.bench.speed import VARIANTS
 
     wanted = ["baseline", "patch-ranking", "patch-ranking-merge", "static", "tome", "evit"]
     return [v for v in wanted if v in VARIANTS]
@@ -165,7 +165,7 @@ def run_all(out: Path, work: Path, smoke: bool, budget: float, only: list[str] |
 def step_env() -> dict:
     import torch
 
-    from prtool.envinfo import collect_env
+    from prtool.runtime.envinfo import collect_env
 
     smi = None
     try:
@@ -186,10 +186,10 @@ def step_env() -> dict:
 
 
 def step_accuracy(work: Path, device: str, limit: int | None) -> dict:
-    from prtool.build import EncoderSpec, schedule_for
-    from prtool.datasets import load_dataset
-    from prtool.models import load_clip
-    from prtool.precision_drift import markdown_table, precision_drift
+    from prtool.bench.precision_drift import markdown_table, precision_drift
+    from prtool.data.datasets import load_dataset
+    from prtool.encoder.build import EncoderSpec, schedule_for
+    from prtool.encoder.models import load_clip
     from prtool.testbed.spec import PREDICTOR_PATH
 
     loaded = load_clip("testbed")
@@ -207,8 +207,8 @@ def step_compare_rankings(work: Path) -> dict:
     """Per image ranked on both devices: Spearman of the importances, top-k overlap, identical rankings."""
     import numpy as np
 
-    from prtool.rank_store import load_store
-    from prtool.stats import spearman
+    from prtool.ranking.store import load_store
+    from prtool.util.stats import spearman
 
     gpu, cpu = load_store(work / "rank_cuda"), load_store(work / "rank_cpu")
     where = gpu.row_of()

@@ -57,7 +57,7 @@ def _speed_section(steps: dict) -> list[str]:
                 cells.append(f"{r['speedup']:.2f} ({r['measured_over_ideal']:.2f})" if r else "-")
                 ideal = f"{r['ideal_speedup']:.2f}" if r else ideal
             lines.append("| " + " | ".join([name.removeprefix("speed_"), variant, ideal, *cells]) + " |")
-    from prtool.bench_speed import markdown_table
+    from prtool.bench.speed import markdown_table
 
     for name, res in runs.items():
         lines += ["", f"### {name}", "", markdown_table(res)]
@@ -68,7 +68,7 @@ def _accuracy_section(steps: dict) -> list[str]:
     res = (steps.get("accuracy") or {}).get("result")
     if not res:
         return []
-    from prtool.precision_drift import markdown_table
+    from prtool.bench.precision_drift import markdown_table
 
     return ["", "## Accuracy in fp32 / fp16 / bf16 (testbed, zero-shot)", "", markdown_table(res)]
 

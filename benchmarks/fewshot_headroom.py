@@ -17,10 +17,10 @@ import json
 import torch
 import torch.nn.functional as F
 
-from prtool.build import EncoderSpec, build_pruned_encoder, schedule_for
-from prtool.datasets import few_shot, load_dataset
-from prtool.evaluate import text_classifier
-from prtool.models import load_clip
+from prtool.data.datasets import few_shot, load_dataset
+from prtool.data.zeroshot import text_classifier
+from prtool.encoder.build import EncoderSpec, build_pruned_encoder, schedule_for
+from prtool.encoder.models import load_clip
 
 
 def embed(enc, dataset, preprocess) -> tuple[torch.Tensor, torch.Tensor]:

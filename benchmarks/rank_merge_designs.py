@@ -20,12 +20,12 @@ import logging
 import sys
 from pathlib import Path
 
-from prtool.bench_pareto import bench_pareto, markdown_table, parse_budgets, plot_pareto
-from prtool.datasets import load_dataset
-from prtool.envinfo import collect_env, env_fingerprint
-from prtool.manifest import write_json_atomic
-from prtool.models import load_clip
+from prtool.bench.pareto import bench_pareto, markdown_table, parse_budgets, plot_pareto
+from prtool.data.datasets import load_dataset
+from prtool.encoder.models import load_clip
+from prtool.runtime.envinfo import collect_env, env_fingerprint
 from prtool.testbed import spec as tbspec
+from prtool.util.files import write_json_atomic
 
 ROOT = Path(__file__).resolve().parent
 DESIGNS = {

@@ -16,12 +16,12 @@ from pathlib import Path
 
 import numpy as np
 
-from prtool.build import EncoderSpec, build_pruned_encoder, schedule_for
-from prtool.datasets import load_dataset
-from prtool.envinfo import collect_env, env_fingerprint
-from prtool.manifest import write_json_atomic
-from prtool.models import load_clip
-from prtool.ranking import GoldenRanker, RankConfig
+from prtool.data.datasets import load_dataset
+from prtool.encoder.build import EncoderSpec, build_pruned_encoder, schedule_for
+from prtool.encoder.models import load_clip
+from prtool.ranking.golden import GoldenRanker, RankConfig
+from prtool.runtime.envinfo import collect_env, env_fingerprint
+from prtool.util.files import write_json_atomic
 
 ROOT = Path(__file__).resolve().parent
 

@@ -1,6 +1,6 @@
 """Run a benchmark suite (TOML) and write its results under benchmarks/results/, the file names
 carrying the suite and the environment: ``python benchmarks/run_suite.py benchmarks/suites/testbed.toml``.
-A suite's keys are the fields of ``prtool.suites`` (unknown keys are refused)."""
+A suite's keys are the fields of ``prtool.bench.suites`` (unknown keys are refused)."""
 
 from __future__ import annotations
 
@@ -9,17 +9,17 @@ import logging
 import sys
 from pathlib import Path
 
-from prtool.bench_accuracy import bench_accuracy, plot_accuracy_vs_flops
-from prtool.bench_accuracy import markdown_table as accuracy_md
-from prtool.bench_speed import bench_speed
-from prtool.bench_speed import markdown_table as speed_md
-from prtool.build import schedule_for
-from prtool.datasets import load_dataset
-from prtool.envinfo import collect_env, env_fingerprint
+from prtool.bench.accuracy import bench_accuracy, plot_accuracy_vs_flops
+from prtool.bench.accuracy import markdown_table as accuracy_md
+from prtool.bench.speed import bench_speed
+from prtool.bench.speed import markdown_table as speed_md
+from prtool.bench.suites import AccuracyRun, SpeedRun, read_suite
+from prtool.data.datasets import load_dataset
+from prtool.encoder.build import schedule_for
+from prtool.encoder.models import load_clip
 from prtool.errors import PrtoolError
-from prtool.models import load_clip
-from prtool.reports import write_report
-from prtool.suites import AccuracyRun, SpeedRun, read_suite
+from prtool.runtime.envinfo import collect_env, env_fingerprint
+from prtool.util.reports import write_report
 
 ROOT = Path(__file__).resolve().parent
 

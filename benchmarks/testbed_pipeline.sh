@@ -10,7 +10,7 @@ cd "$(dirname "$0")/.."
 export PATH="$PWD/.venv/bin:$PATH"
 A=prtool/testbed/assets
 R=runs/pipeline
-ENV=$(python -c "from prtool.envinfo import env_fingerprint; print(env_fingerprint())")
+ENV=$(python -c "from prtool.runtime.envinfo import env_fingerprint; print(env_fingerprint())")
 RES=benchmarks/results
 SKETCH_TUNE="--n-ctx 4 --epochs 50 --lr 0.002 --kg-weight 8"  # chosen with testbed v2 on a validation split (benchmarks/README.md)
 mkdir -p $R $RES

@@ -21,7 +21,7 @@ class MissingDependencyError(PrtoolError):
 class ValidationError(PrtoolError):
     """An exported artifact disagrees with PyTorch beyond the stated tolerances.
 
-    Raised by ``prtool.validate.ValidationReport.raise_if_failed`` with the ``report`` and the
+    Raised by ``prtool.export.validate.ValidationReport.raise_if_failed`` with the ``report`` and the
     ``result`` the command would have printed (its ``--json`` document); the CLI shows either, then
     the one-line message.
     """

@@ -41,7 +41,7 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(scope="session")
 def tiny():
     """A random-weight tiny CLIP: 64x64 images, patch 8 (64 patches), width 32, 4 blocks."""
-    from prtool.models import load_clip
+    from prtool.encoder.models import load_clip
 
     torch.manual_seed(0)
     return load_clip("prtool-tiny", "none")
@@ -81,7 +81,7 @@ def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None):
 @pytest.fixture(scope="session")
 def tiny_testbed_like():
     """The testbed architecture with random weights (fast to build; no checkpoint needed)."""
-    from prtool.models import load_clip
+    from prtool.encoder.models import load_clip
 
     return load_clip("testbed", "none")
 
@@ -115,10 +115,10 @@ def checkpoint(tiny, tmp_path_factory):
 def exported(checkpoint, tmp_path_factory):
     """``(onnx_path, predictor_path)``: a pruned tiny export (a seeded predictor file, kept indices) made
     from ``checkpoint``, unvalidated; one per test module, which may write beside it."""
-    from prtool.build import EncoderSpec, schedule_for
-    from prtool.export import ExportOptions, export_onnx
-    from prtool.models import load_clip
-    from prtool.predictor import PredictorConfig, RankingPredictor, save_predictor
+    from prtool.encoder.build import EncoderSpec, schedule_for
+    from prtool.encoder.models import load_clip
+    from prtool.encoder.predictor import PredictorConfig, RankingPredictor, save_predictor
+    from prtool.export.onnx_export import ExportOptions, export_onnx
 
     loaded = load_clip("prtool-tiny", str(checkpoint))
     work = tmp_path_factory.mktemp("export")

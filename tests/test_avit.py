@@ -1,10 +1,11 @@
-"""A-ViT (prtool.avit, prtool.avit_train): halting bookkeeping, equal-token-count matching, fixed-k export."""
+"""A-ViT (prtool.encoder.avit, prtool.tuning.avit_train): halting bookkeeping, equal-token-count matching,
+fixed-k export."""
 
 import pytest
 import torch
 from conftest import cli
 
-from prtool.avit import (
+from prtool.encoder.avit import (
     HALTED_LOGIT,
     AViTTopKVisionTransformer,
     AViTVisionTransformer,
@@ -13,7 +14,7 @@ from prtool.avit import (
     prior_mean_for,
     tuned_state,
 )
-from prtool.build import EncoderSpec, build_pruned_encoder, schedule_for
+from prtool.encoder.build import EncoderSpec, build_pruned_encoder, schedule_for
 from prtool.errors import PrtoolError
 
 
@@ -89,7 +90,7 @@ def test_straight_through_bias_is_zero_in_value_and_carries_gradient(tiny, tiny_
 
 
 def test_threshold_calibration_matches_the_schedule_token_count(tiny, tiny_pixels):
-    from prtool.avit_train import calibrate_threshold, mean_active
+    from prtool.tuning.avit_train import calibrate_threshold, mean_active
 
     sched = schedule_for(tiny, "1:16,2:16")  # patches entering blocks: 64, 48, 32, 32 -> mean 44
     enc = AViTVisionTransformer(tiny.visual, sched, HaltingHead(1.0, -1.0)).eval()
@@ -102,7 +103,7 @@ def test_threshold_calibration_matches_the_schedule_token_count(tiny, tiny_pixel
 
 
 def schedule_for_testbed(text):
-    from prtool.schedule import parse_schedule
+    from prtool.encoder.schedule import parse_schedule
 
     return parse_schedule(text, num_patches=196, depth=6)
 
@@ -119,7 +120,7 @@ def test_fixed_k_form_keeps_the_least_halted(tiny, tiny_pixels):
 
 @pytest.fixture()
 def avit_weights(tiny, tmp_path):
-    from prtool.avit_train import save_avit
+    from prtool.tuning.avit_train import save_avit
 
     sched = schedule_for(tiny, "1:16,2:16")
     path = tmp_path / "avit.safetensors"
@@ -129,8 +130,8 @@ def avit_weights(tiny, tmp_path):
 
 
 def test_fixed_k_export_validates_with_constant_topk(tiny, tmp_path, avit_weights):
-    from prtool.export import ExportOptions, export_onnx
-    from prtool.onnx_graph import topk_nodes
+    from prtool.export.onnx_export import ExportOptions, export_onnx
+    from prtool.export.onnx_graph import topk_nodes
 
     path, sched = avit_weights
     res = export_onnx(tiny, EncoderSpec(sched, "avit-topk", path), tmp_path / "m.onnx", ExportOptions())
@@ -158,7 +159,7 @@ def test_tune_avit_bad_input_is_one_line(capsys):
 
 
 def test_masking_form_exports_without_topk(tiny, tmp_path, avit_weights):
-    from prtool.export import ExportOptions, export_onnx
+    from prtool.export.onnx_export import ExportOptions, export_onnx
 
     path, sched = avit_weights
     res = export_onnx(tiny, EncoderSpec(sched, "avit", path), tmp_path / "m.onnx", ExportOptions())
@@ -166,7 +167,7 @@ def test_masking_form_exports_without_topk(tiny, tmp_path, avit_weights):
 
 
 def test_tuned_state_round_trips_row0_only(tiny):
-    from prtool.avit import apply_tuned_state
+    from prtool.encoder.avit import apply_tuned_state
 
     state = tuned_state(HaltingHead(2.0, -3.0), tiny.visual)
     key = "transformer.resblocks.1.mlp.c_proj.weight"

@@ -2,10 +2,10 @@ import json
 
 import pytest
 
-from prtool.bench_accuracy import bench_accuracy, markdown_table, paired_gaps, plot_accuracy_vs_flops
-from prtool.bench_speed import bench_speed
-from prtool.build import schedule_for
-from prtool.datasets import load_dataset
+from prtool.bench.accuracy import bench_accuracy, markdown_table, paired_gaps, plot_accuracy_vs_flops
+from prtool.bench.speed import bench_speed
+from prtool.data.datasets import load_dataset
+from prtool.encoder.build import schedule_for
 from prtool.errors import PrtoolError
 
 
@@ -100,9 +100,9 @@ def test_bench_speed_tensorrt(tiny, tmp_path):
 
 def test_ort_sessions_do_not_spin(tiny, tmp_path):
     """Interleaved timing needs idle sessions to sleep: spinning threads steal the active one's cores."""
-    from prtool.build import EncoderSpec, schedule_for
-    from prtool.export import ExportOptions, export_onnx
-    from prtool.runtime import ort_session
+    from prtool.encoder.build import EncoderSpec, schedule_for
+    from prtool.export.onnx_export import ExportOptions, export_onnx
+    from prtool.runtime.session import ort_session
 
     path = export_onnx(tiny, EncoderSpec(schedule_for(tiny, "none")), tmp_path / "m.onnx",
                        ExportOptions(validate=False)).onnx_path

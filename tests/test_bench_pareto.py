@@ -3,7 +3,7 @@ import json
 import pytest
 from conftest import cli
 
-from prtool.bench_pareto import combine_results, markdown_table, pareto_front, parse_budgets, plot_pareto
+from prtool.bench.pareto import combine_results, markdown_table, pareto_front, parse_budgets, plot_pareto
 from prtool.errors import PrtoolError
 
 

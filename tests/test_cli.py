@@ -122,7 +122,7 @@ def test_bad_checkpoints(capsys, tmp_path, tiny):
 
 
 def test_predictor_for_another_model_is_refused(capsys, tmp_path):
-    from prtool.predictor import PredictorConfig, RankingPredictor, save_predictor
+    from prtool.encoder.predictor import PredictorConfig, RankingPredictor, save_predictor
 
     pred = tmp_path / "pred.safetensors"
     save_predictor(RankingPredictor(PredictorConfig(196, 128)), pred,

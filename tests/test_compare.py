@@ -1,4 +1,4 @@
-"""The one verification path: ``prtool.validate.compare`` on fake runners (each check fails for its own
+"""The one verification path: ``prtool.export.validate.compare`` on fake runners (each check fails for its own
 fault), the one onnxruntime session factory's optimisation level, and the one-line failure every
 command (export, validate on ONNX, validate on an engine) prints the same way."""
 
@@ -14,8 +14,8 @@ from conftest import cli
 from onnx import TensorProto, helper, numpy_helper
 
 from prtool.errors import PrtoolError, ValidationError
-from prtool.io_names import EMBEDS, KEPT_INDICES, PIXELS
-from prtool.validate import FIXES, RecordedRunner, Tolerances, ValidationReport, compare
+from prtool.export.io_names import EMBEDS, KEPT_INDICES, PIXELS
+from prtool.export.validate import FIXES, RecordedRunner, Tolerances, ValidationReport, compare
 
 B, N, K, E = 5, 12, 4, 6
 PIXELS_ = np.random.default_rng(0).standard_normal((B, 3, 2, N)).astype(np.float32)
@@ -156,7 +156,7 @@ def _tiny_graph(path, fp16: bool | str):
 def test_session_factory_picks_the_optimisation_level_for_the_graph(tmp_path):
     import onnxruntime as ort
 
-    from prtool.runtime import OrtRunner, ort_session
+    from prtool.runtime.session import OrtRunner, ort_session
 
     fp16, fp32 = _tiny_graph(tmp_path / "h.onnx", True), _tiny_graph(tmp_path / "f.onnx", False)
     weights16 = _tiny_graph(tmp_path / "w.onnx", "weights")
@@ -182,7 +182,7 @@ LINE = re.compile(r"^prtool: error: validation of (?P<subject>.+) failed: (?P<ch
 def _fake_engine(monkeypatch, onnx_path, tmp_path):
     """A ``.plan`` whose runner is onnxruntime on ``onnx_path``: `prtool validate`'s engine path, minus TensorRT."""
     import prtool.deploy.trt as trt_mod
-    from prtool.runtime import OrtRunner
+    from prtool.runtime.session import OrtRunner
 
     class Engine(OrtRunner):
         def __init__(self, plan):

@@ -94,10 +94,10 @@ def reference(exports, images):
     """prtool's Python side: pixels (Pillow) and onnxruntime outputs, plus zero-shot class embeddings."""
     import onnxruntime as ort
 
-    from prtool.datasets import load_dataset
-    from prtool.evaluate import text_classifier
-    from prtool.images import load_image_batch
-    from prtool.models import load_clip
+    from prtool.data.datasets import load_dataset
+    from prtool.data.images import load_image_batch
+    from prtool.data.zeroshot import text_classifier
+    from prtool.encoder.models import load_clip
 
     classes = text_classifier(load_clip("testbed", None), load_dataset("testbed", "test")).numpy()
     refs = {}
@@ -209,8 +209,8 @@ def test_prtool_embed_refuses_bad_input(cpp_binary, exports, images, tmp_path):
 
 
 def test_compat_matrix_runs_the_consumers(tiny, cpp_binary, web_modules):
-    from prtool.build import schedule_for
     from prtool.deploy import compat
+    from prtool.encoder.build import schedule_for
 
     variants = [v for v in compat.VARIANTS if v.name == "pruned-flat/torchscript"]
     result = compat.run_compat(tiny, schedule_for(tiny, "1:16,2:16"), variants=variants,

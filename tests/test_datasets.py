@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from prtool.datasets import few_shot, load_dataset
+from prtool.data.datasets import few_shot, load_dataset
 from prtool.errors import PrtoolError
 
 PRE = {"image_size": [64, 64], "mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25], "interpolation": "bicubic"}
@@ -81,7 +81,7 @@ def test_templates_file(tmp_path):
     make_images(tmp_path / "d")
     t = tmp_path / "t.json"
     t.write_text(json.dumps({"d": ["itap of a {}."], "default": ["x {}"]}))
-    from prtool.datasets import prompts_for
+    from prtool.data.datasets import prompts_for
 
     assert prompts_for(["cat"], t, "d") == [["itap of a cat."]]
     t.write_text(json.dumps(["no placeholder"]))

@@ -20,10 +20,10 @@ from prtool.deploy.engine_manifest import (
     engine_mismatches,
     read_engine_manifest,
 )
-from prtool.deploy.ort_gpu import check_providers, provider_options
 from prtool.errors import PrtoolError
-from prtool.manifest import write_json_atomic
-from prtool.runtime import ort_session
+from prtool.runtime.ort_gpu import check_providers, provider_options
+from prtool.runtime.session import ort_session
+from prtool.util.files import write_json_atomic
 
 RECIPES = Path(__file__).parents[1] / "export" / "recipes"
 def one_line_error(code, err, *fragments):
@@ -132,8 +132,8 @@ def _matches(pattern: str, name: str) -> bool:
 
 @pytest.mark.parametrize("exporter", ["torchscript", "dynamo"])
 def test_layer_patterns_select_exactly_layernorm_and_softmax(tiny, tmp_path, exporter):
-    from prtool.build import EncoderSpec, schedule_for
-    from prtool.export import ExportOptions, export_onnx
+    from prtool.encoder.build import EncoderSpec, schedule_for
+    from prtool.export.onnx_export import ExportOptions, export_onnx
 
     res = export_onnx(tiny, EncoderSpec(schedule_for(tiny, "1:16"), "cls-attn"), tmp_path / "m.onnx",
                       ExportOptions(exporter=exporter, validate=False))
@@ -177,9 +177,9 @@ def test_recipes_parse_and_fit_their_models():
     import open_clip
 
     from prtool.deploy.build_request import BuildRequest
-    from prtool.export_request import ExportRequest
-    from prtool.recipes import read_recipe, recipe_keys
-    from prtool.schedule import parse_schedule
+    from prtool.encoder.schedule import parse_schedule
+    from prtool.export.request import ExportRequest
+    from prtool.util.recipes import read_recipe, recipe_keys
 
     export_keys, build_keys = set(recipe_keys(ExportRequest)), set(recipe_keys(BuildRequest))
     recipes = sorted(RECIPES.glob("*.toml"))
@@ -233,7 +233,7 @@ def test_build_without_tensorrt_names_the_fix(capsys, vitb16):
 
 
 def test_deploy_modules_import_no_backend():
-    code = ("import sys, prtool.cli.deploy_cmd, prtool.deploy.trt, prtool.deploy.ort_gpu, prtool.deploy.triton, "
+    code = ("import sys, prtool.cli.deploy_cmd, prtool.deploy.trt, prtool.runtime.ort_gpu, prtool.deploy.triton, "
             "prtool.deploy.compat, prtool.deploy.verify, prtool.deploy.contract, prtool.deploy.docgen, "
             "prtool.deploy.build_request\n"
             "print(sorted(m for m in ('tensorrt', 'cv2', 'onnxruntime', 'polygraphy') if m in sys.modules))")

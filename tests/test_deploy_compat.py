@@ -5,9 +5,9 @@ import json
 import numpy as np
 import pytest
 
-from prtool.build import schedule_for
 from prtool.deploy import compat
 from prtool.deploy.contract import BEGIN, END, example_markdown, update_contract, worked_example
+from prtool.encoder.build import schedule_for
 from prtool.errors import PrtoolError
 
 
@@ -72,10 +72,10 @@ def test_worked_example_is_self_consistent(tmp_path):
     # the embeddings are the testbed CLIP's own (open_clip's encode_image, not prtool's encoder), on those pixels
     import torch
 
-    from prtool.images import arrays_to_batch
-    from prtool.models import load_clip
-    from prtool.seed import seed_everything
+    from prtool.data.images import arrays_to_batch
+    from prtool.encoder.models import load_clip
     from prtool.testbed.eval_set import load_split_canvases
+    from prtool.util.seed import seed_everything
 
     seed_everything(0)
     loaded = load_clip("testbed", "none")

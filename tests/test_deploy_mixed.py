@@ -11,8 +11,8 @@ from conftest import cli
 from test_deploy import one_line_error
 
 from prtool.deploy.mixed_check import judge
-from prtool.deploy.mixed_precision import check_mixed_graph, fp32_plan, index_path_nodes, scoring_nodes
-from prtool.validate import MIXED_TOLERANCES
+from prtool.export.mixed_precision import check_mixed_graph, fp32_plan, index_path_nodes, scoring_nodes
+from prtool.export.validate import MIXED_TOLERANCES
 
 
 def test_plan_keeps_the_scores_and_the_index_path_in_fp32(exported):
@@ -48,7 +48,7 @@ def test_judge_applies_its_own_preset():
 @pytest.fixture(scope="module")
 def mixed(exported):
     pytest.importorskip("modelopt.onnx.autocast")
-    from prtool.deploy.mixed_precision import write_mixed_onnx
+    from prtool.export.mixed_precision import write_mixed_onnx
 
     dst = exported[0].with_name("m.fp16.onnx")
     record = write_mixed_onnx(exported[0], dst, "fp16")
@@ -56,8 +56,8 @@ def mixed(exported):
 
 
 def test_mixed_graph_runs_in_onnxruntime_like_fp32(exported, mixed):
-    from prtool.manifest import read_manifest_for
-    from prtool.runtime import ort_session
+    from prtool.export.manifest import read_manifest_for
+    from prtool.runtime.session import ort_session
 
     dst, record = mixed
     assert record["type"] == "fp16" and record["converter"].startswith("modelopt.onnx.autocast")
@@ -83,7 +83,7 @@ def test_check_catches_a_conversion_that_lowers_the_scores(exported):
 
 def test_validate_uses_the_fp16_preset_for_a_mixed_export(checkpoint, mixed):
     from prtool.deploy.verify import validate_artifact
-    from prtool.validate import PRECISION_TOLERANCES
+    from prtool.export.validate import PRECISION_TOLERANCES
 
     res = validate_artifact(mixed[0], pretrained=str(checkpoint))
     assert res["passed"], res["validation"]["checks"]
@@ -108,8 +108,8 @@ def test_a_manifest_of_another_graph_is_refused_before_and_after_conversion(expo
     import shutil
 
     from prtool.deploy.mixed_check import measure_mixed
-    from prtool.deploy.mixed_precision import write_mixed_onnx
     from prtool.errors import PrtoolError
+    from prtool.export.mixed_precision import write_mixed_onnx
 
     src = tmp_path / "m.onnx"  # the fp32 export's manifest beside the mixed graph's bytes
     shutil.copy(mixed[0], src)

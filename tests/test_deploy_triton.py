@@ -7,12 +7,12 @@ import onnx
 import pytest
 from conftest import cli
 
-from prtool.build import EncoderSpec, schedule_for
 from prtool.deploy.build_config import resolve_build_config
 from prtool.deploy.engine_manifest import build_engine_manifest, engine_manifest_path
 from prtool.deploy.triton import package_triton
-from prtool.export import ExportOptions, export_onnx
-from prtool.manifest import write_json_atomic
+from prtool.encoder.build import EncoderSpec, schedule_for
+from prtool.export.onnx_export import ExportOptions, export_onnx
+from prtool.util.files import write_json_atomic
 
 ONNX_TYPES = {onnx.TensorProto.FLOAT: "TYPE_FP32", onnx.TensorProto.INT64: "TYPE_INT64"}
 

@@ -10,7 +10,7 @@ from safetensors.torch import save_file
 from prtool.deploy.rebuild import rebuild_encoder
 from prtool.deploy.verify import validate_artifact
 from prtool.errors import PrtoolError
-from prtool.validate import PRECISION_TOLERANCES
+from prtool.export.validate import PRECISION_TOLERANCES
 
 
 def test_onnx_validates_against_the_rebuilt_encoder(exported, checkpoint):
@@ -26,7 +26,7 @@ def test_onnx_validates_against_the_rebuilt_encoder(exported, checkpoint):
 
 
 def test_rebuild_refuses_what_it_cannot_rebuild(exported, checkpoint, tiny, tmp_path):
-    from prtool.manifest import read_manifest_for
+    from prtool.export.manifest import read_manifest_for
 
     onnx_path, predictor = exported
     manifest = read_manifest_for(onnx_path)

@@ -5,13 +5,13 @@ import numpy as np
 import pytest
 import torch
 
-from prtool.bench_speed import _torch_runner, bench_speed
-from prtool.build import EncoderSpec, build_pruned_encoder, schedule_for
-from prtool.datasets import load_dataset
-from prtool.device import autocast, resolve_device
+from prtool.bench.precision_drift import precision_drift
+from prtool.bench.speed import _torch_runner, bench_speed
+from prtool.data.datasets import load_dataset
+from prtool.encoder.build import EncoderSpec, build_pruned_encoder, schedule_for
 from prtool.errors import PrtoolError
-from prtool.precision_drift import precision_drift
-from prtool.timing import cuda_event_clock, interleaved_latency
+from prtool.util.device import autocast, resolve_device
+from prtool.util.timing import cuda_event_clock, interleaved_latency
 
 HAS_GPU = torch.cuda.is_available()
 
@@ -148,12 +148,12 @@ def test_bench_speed_torch_on_cuda_with_autocast_and_graphs(tiny, tiny_pixels, t
 
 @pytest.mark.gpu
 def test_rank_and_train_on_cuda_match_cpu(tiny, tmp_path):
-    from prtool.jobs import rank_dataset, train_from_store
-    from prtool.models import load_clip
-    from prtool.predictor_train import PredictorTrainConfig
-    from prtool.rank_store import load_store
-    from prtool.ranking import RankConfig
-    from prtool.stats import spearman
+    from prtool.encoder.models import load_clip
+    from prtool.ranking.golden import RankConfig
+    from prtool.ranking.jobs import rank_dataset, train_from_store
+    from prtool.ranking.predictor_train import PredictorTrainConfig
+    from prtool.ranking.store import load_store
+    from prtool.util.stats import spearman
 
     ds = load_dataset("testbed", "train").limit(4)
     tiny_tb = load_clip("testbed")  # trained: its windows move the embedding by more than float noise

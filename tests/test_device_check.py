@@ -26,7 +26,7 @@ def test_plan_covers_the_issue_and_detects_rank_and_merge(tmp_path, monkeypatch)
     assert "--variants baseline,patch-ranking,patch-ranking-merge," in speed  # prtool has rank-and-merge
     assert "gpu and not trt" in steps["gpu_tests"]["argv"]
     assert "--limit 500 --device cuda" in " ".join(steps["rank_cuda"]["argv"])
-    monkeypatch.setattr("prtool.bench_speed.VARIANTS", ("baseline", "patch-ranking", "tome", "evit"))
+    monkeypatch.setattr("prtool.bench.speed.VARIANTS", ("baseline", "patch-ranking", "tome", "evit"))
     speed = " ".join(s for s in device_check.plan(tmp_path, smoke=False)[1]["argv"])
     assert "--variants baseline,patch-ranking,tome,evit" in speed  # a prtool without it: not asked for
 

@@ -5,10 +5,10 @@ import onnx
 import pytest
 import torch
 
-from prtool.build import EncoderSpec, build_pruned_encoder, schedule_for
-from prtool.export import ExportOptions, export_onnx
-from prtool.onnx_graph import inspect_onnx, topk_nodes
-from prtool.runtime import ort_session
+from prtool.encoder.build import EncoderSpec, build_pruned_encoder, schedule_for
+from prtool.export.onnx_export import ExportOptions, export_onnx
+from prtool.export.onnx_graph import inspect_onnx, topk_nodes
+from prtool.runtime.session import ort_session
 
 
 def _export(tiny, tmp_path, schedule="1:16,2:16", scorer="cls-attn", **kw):
@@ -109,7 +109,7 @@ def test_no_normalize(tiny, tmp_path, tiny_pixels):
 
 @pytest.mark.slow
 def test_vit_b16_paper_schedule_exports_and_validates(tmp_path):
-    from prtool.models import load_clip
+    from prtool.encoder.models import load_clip
 
     torch.manual_seed(0)
     loaded = load_clip("ViT-B-16", "none")

@@ -1,7 +1,7 @@
 import pytest
 
-from prtool.flops import block_macs, encoder_macs, peer_selection_macs
-from prtool.schedule import parse_schedule
+from prtool.encoder.flops import block_macs, encoder_macs, peer_selection_macs
+from prtool.encoder.schedule import parse_schedule
 
 
 def test_vit_b16_hand_count():
@@ -35,8 +35,8 @@ def test_peer_selection_hand_count():
 
 
 def test_encoder_cost_counts_peer_selection(tiny):
-    from prtool.build import EncoderSpec, build_pruned_encoder
-    from prtool.flops import encoder_cost
+    from prtool.encoder.build import EncoderSpec, build_pruned_encoder
+    from prtool.encoder.flops import encoder_cost
 
     sched = parse_schedule("1:8,2:8", 64, 4)
     costs = {m: encoder_cost(build_pruned_encoder(tiny, EncoderSpec(sched, m))[0]) for m in ("random", "evit", "tome")}
@@ -47,8 +47,8 @@ def test_encoder_cost_counts_peer_selection(tiny):
 
 
 def test_merge_selection_hand_count(tiny):
-    from prtool.build import EncoderSpec, build_pruned_encoder
-    from prtool.flops import encoder_cost, merge_selection_macs
+    from prtool.encoder.build import EncoderSpec, build_pruned_encoder
+    from prtool.encoder.flops import encoder_cost, merge_selection_macs
 
     sched = parse_schedule("3:20,5:20", 196, 12)
     bias = 12 * (2 * 177**2 + 7 * 157**2)  # +log size on 12 heads' T x T logits, blocks 3..11

@@ -1,4 +1,4 @@
-"""The method table (prtool.methods): complete, reachable from the CLI, the one source of names, needs,
+"""The method table (prtool.encoder.methods): complete, reachable from the CLI, the one source of names, needs,
 export rules and FLOPs rules."""
 
 import dataclasses
@@ -8,11 +8,11 @@ import pytest
 import torch
 from conftest import cli
 
-from prtool import methods
-from prtool.build import EncoderSpec, build_pruned_encoder, method_spec, schedule_for
+from prtool.encoder import methods
+from prtool.encoder.build import EncoderSpec, build_pruned_encoder, method_spec, schedule_for
+from prtool.encoder.flops import encoder_cost, merge_selection_macs, peer_selection_macs
+from prtool.encoder.scorers import PatchScorer
 from prtool.errors import PrtoolError
-from prtool.flops import encoder_cost, merge_selection_macs, peer_selection_macs
-from prtool.scorers import PatchScorer
 
 # The option of each CLI command that takes method names, and the table context it reads.
 OPTIONS = {("eval", "--scorer"): "encoder", ("export", "--scorer"): "encoder", ("tune", "--scorer"): "encoder",
@@ -151,7 +151,7 @@ def test_flops_come_from_the_table(tiny, monkeypatch):
 
 
 def test_export_refusal_comes_from_the_table(tiny, tmp_path):
-    from prtool.export import ExportOptions, export_onnx
+    from prtool.export.onnx_export import ExportOptions, export_onnx
 
     sched = schedule_for(tiny, "1:16")
     refused = [m for m in methods.METHODS.values() if not m.exportable]

@@ -17,18 +17,18 @@ import torch.nn.functional as F
 from PIL import Image
 from safetensors.torch import save_file
 
-from prtool.build import EncoderSpec, build_pruned_encoder, schedule_for
-from prtool.datasets import load_dataset
+from prtool.data.datasets import load_dataset
+from prtool.encoder.build import EncoderSpec, build_pruned_encoder, schedule_for
+from prtool.encoder.models import load_clip
+from prtool.encoder.peers import ToMeVisionTransformer, bipartite_merge, block_keys
+from prtool.encoder.predictor import PredictorConfig, RankingPredictor, save_predictor
+from prtool.encoder.pruned import PrunedVisionTransformer
+from prtool.encoder.scorers import ClsAttentionScorer
 from prtool.errors import PrtoolError
-from prtool.jobs import rank_dataset
-from prtool.models import load_clip
-from prtool.peers import ToMeVisionTransformer, bipartite_merge, block_keys
-from prtool.predictor import PredictorConfig, RankingPredictor, save_predictor
-from prtool.predictor_train import PredictorTrainConfig, evaluate_predictor, train_predictor
-from prtool.pruned import PrunedVisionTransformer
-from prtool.rank_store import RankingStore, load_store
-from prtool.ranking import GoldenRanker, RankConfig
-from prtool.scorers import ClsAttentionScorer
+from prtool.ranking.golden import GoldenRanker, RankConfig
+from prtool.ranking.jobs import rank_dataset
+from prtool.ranking.predictor_train import PredictorTrainConfig, evaluate_predictor, train_predictor
+from prtool.ranking.store import RankingStore, load_store
 
 
 def _pruned(tiny, schedule="1:16,2:16", prompts: int = 0):
@@ -117,7 +117,7 @@ def test_resume_computes_exactly_the_missing_shards(tiny, six_images, tmp_path, 
 
 
 def test_a_crash_while_writing_a_shard_leaves_no_shard(tiny, six_images, tmp_path, monkeypatch):
-    import prtool.store_shards as shards
+    import prtool.ranking.shards as shards
 
     real = shards.os.replace
 
@@ -162,7 +162,7 @@ def test_predictor_for_another_checkpoint_of_the_same_architecture_is_refused(tw
 
 
 def test_tokens_for_another_checkpoint_of_the_same_architecture_are_refused(two_checkpoints, tmp_path):
-    from prtool.prompts import PromptLearner, load_tokens, save_tokens
+    from prtool.tuning.prompts import PromptLearner, load_tokens, save_tokens
 
     a, b = two_checkpoints
     learner = PromptLearner(a.model, a.tokenizer(), 2, "both", init=None, vision_width=32)
@@ -235,7 +235,7 @@ def test_best_epoch_weights_are_restored_when_the_best_is_not_the_last():
     g = torch.Generator().manual_seed(0)
     m, n, d = 40, 16, 8
     tokens = torch.randn(m, n, d, generator=g)
-    from prtool.predictor_train import split_rows
+    from prtool.ranking.predictor_train import split_rows
 
     cfg = PredictorTrainConfig(epochs=6, batch_size=8, lr=3e-3, val_fraction=0.25, seed=0)
     _, val_rows = split_rows(m, cfg.val_fraction, cfg.seed)

@@ -1,10 +1,10 @@
 import pytest
 import torch
 
-from prtool.build import EncoderSpec, build_pruned_encoder, schedule_for
+from prtool.encoder.build import EncoderSpec, build_pruned_encoder, schedule_for
+from prtool.encoder.peers import EViTVisionTransformer, ToMeVisionTransformer, bipartite_merge
+from prtool.encoder.scorers import cls_attention
 from prtool.errors import PrtoolError
-from prtool.peers import EViTVisionTransformer, ToMeVisionTransformer, bipartite_merge
-from prtool.scorers import cls_attention
 
 
 @pytest.mark.parametrize("cls", [EViTVisionTransformer, ToMeVisionTransformer])
@@ -54,7 +54,7 @@ def test_evit_fused_token_is_the_attention_weighted_mean(tiny, tiny_pixels):
 
 @pytest.mark.parametrize("method", ["evit", "tome"])
 def test_peers_export_and_validate(tiny, tmp_path, method):
-    from prtool.export import ExportOptions, export_onnx
+    from prtool.export.onnx_export import ExportOptions, export_onnx
 
     res = export_onnx(tiny, EncoderSpec(schedule_for(tiny, "1:16,2:16"), method), tmp_path / "m.onnx", ExportOptions())
     assert res.report.passed, res.report.failure_summary()

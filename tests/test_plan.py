@@ -24,8 +24,8 @@ SMALL = ("--methods", "tome", "--keep-ratios", "0.6,0.7")
 def fake_latency(monkeypatch):
     """Latency proportional to the patches kept (tiny-model timings on a loaded machine are noise), so the
     budget check is deterministic; records which candidates were timed."""
-    import prtool.plan as pl
-    from prtool.schedule import parse_schedule
+    import prtool.bench.plan as pl
+    from prtool.encoder.schedule import parse_schedule
 
     timed = []
 
@@ -72,7 +72,7 @@ def test_plan_end_to_end_picks_the_most_accurate_within_budget_and_exports_it(ar
 
 
 def test_pick_rule():
-    from prtool.plan import pick
+    from prtool.bench.plan import pick
 
     rows = [{"speedup": 1.5, "top1": 50.0, "gflops": 1.0}, {"speedup": 1.25, "top1": 60.0, "gflops": 2.0},
             {"speedup": 1.1, "top1": 70.0, "gflops": 3.0}]
@@ -83,7 +83,7 @@ def test_pick_rule():
 
 
 def test_a_second_run_measures_nothing(tmp_path, monkeypatch, fake_latency):
-    import prtool.plan as pl
+    import prtool.bench.plan as pl
 
     first = _plan(tmp_path / "p", *SMALL)
     assert first["measured"] == first["survivors"] == len(fake_latency) > 1 and first["cached"] == 0

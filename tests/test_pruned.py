@@ -1,11 +1,11 @@
 import pytest
 import torch
 
-from prtool.build import EncoderSpec, build_pruned_encoder, schedule_for
+from prtool.encoder.build import EncoderSpec, build_pruned_encoder, schedule_for
+from prtool.encoder.predictor import PredictorConfig, RankingPredictor
+from prtool.encoder.pruned import PrunedVisionTransformer, check_supported_tower, gather_tokens
+from prtool.encoder.scorers import ClsAttentionScorer, PredictorScorer, RandomScorer, cls_attention
 from prtool.errors import PrtoolError
-from prtool.predictor import PredictorConfig, RankingPredictor
-from prtool.pruned import PrunedVisionTransformer, check_supported_tower, gather_tokens
-from prtool.scorers import ClsAttentionScorer, PredictorScorer, RandomScorer, cls_attention
 
 
 def test_empty_schedule_reproduces_unpruned(tiny, tiny_pixels):
@@ -93,7 +93,7 @@ def test_random_scorer_is_seeded(tiny, tiny_pixels):
 
 
 def test_schedule_must_match_model(tiny):
-    from prtool.schedule import parse_schedule
+    from prtool.encoder.schedule import parse_schedule
 
     with pytest.raises(PrtoolError, match="schedule made for"):
         PrunedVisionTransformer(tiny.visual, parse_schedule("3:20", 196, 12), ClsAttentionScorer())

@@ -28,8 +28,8 @@ def calib_folder(tmp_path_factory):
 @pytest.fixture(scope="module")
 def quantized(exported, checkpoint, calib_folder):
     """``{mode: path}``: the module's pruned tiny export quantized by both INT8 modes."""
-    from prtool.models import load_clip
-    from prtool.quantize import QuantizeOptions, calibration_batch, quantize_onnx
+    from prtool.encoder.models import load_clip
+    from prtool.export.quantize import QuantizeOptions, calibration_batch, quantize_onnx
 
     onnx_path, _ = exported
     loaded = load_clip("prtool-tiny", str(checkpoint))
@@ -48,9 +48,9 @@ def _by_output(model):
 
 @pytest.mark.parametrize("mode", ["int8-dynamic", "int8-qdq"])
 def test_topk_k_constant_and_index_path_int64_and_unquantized(exported, quantized, mode):
-    from prtool.onnx_graph import load_onnx, op_histogram, topk_nodes
-    from prtool.quantize import never_quantized
-    from prtool.quantize_check import QUANT_OPS, check_quantized_graph
+    from prtool.export.onnx_graph import load_onnx, op_histogram, topk_nodes
+    from prtool.export.quantize import never_quantized
+    from prtool.export.quantize_check import QUANT_OPS, check_quantized_graph
 
     fp32 = load_onnx(exported[0])
     never = never_quantized(fp32)  # from the FP32 graph, before quantization
@@ -72,7 +72,7 @@ def test_topk_k_constant_and_index_path_int64_and_unquantized(exported, quantize
 
 def test_graph_check_catches_a_quantized_scorer(exported, tmp_path, monkeypatch):
     """A plan that forgets the scorer: the scorer's MatMuls are quantized and quantize_onnx refuses the graph."""
-    import prtool.quantize as q
+    import prtool.export.quantize as q
 
     monkeypatch.setattr(q, "exclusion_plan", lambda model, mode, extra=(): {"op_types": ["MatMul", "Gemm"],
                                                                              "nodes": []})
@@ -83,8 +83,8 @@ def test_graph_check_catches_a_quantized_scorer(exported, tmp_path, monkeypatch)
 
 
 def test_qdq_scales_are_static_so_batches_are_independent_dynamic_ones_are_not(quantized, tiny_pixels):
-    from prtool.quantize_check import batch_independence
-    from prtool.runtime import ort_session
+    from prtool.export.quantize_check import batch_independence
+    from prtool.runtime.session import ort_session
 
     x = tiny_pixels.numpy()
     static = batch_independence(ort_session(quantized["int8-qdq"]), x)
@@ -95,10 +95,10 @@ def test_qdq_scales_are_static_so_batches_are_independent_dynamic_ones_are_not(q
 
 @pytest.fixture(scope="module")
 def qdq_export(exported, checkpoint, tmp_path_factory):
-    from prtool.build import EncoderSpec, schedule_for
-    from prtool.export import ExportOptions
-    from prtool.models import load_clip
-    from prtool.quantize import QuantizeOptions, export_quantized
+    from prtool.encoder.build import EncoderSpec, schedule_for
+    from prtool.encoder.models import load_clip
+    from prtool.export.onnx_export import ExportOptions
+    from prtool.export.quantize import QuantizeOptions, export_quantized
 
     loaded = load_clip("prtool-tiny", str(checkpoint))
     spec = EncoderSpec(schedule_for(loaded, "1:16,2:16"), "predictor", exported[1], "flat")
@@ -118,8 +118,8 @@ def test_quantized_export_validates_with_its_own_preset(qdq_export):
 
 
 def test_manifest_records_mode_calibration_and_fingerprint(qdq_export):
-    from prtool.models import sha256_file
-    from prtool.quantize import calibration_batch
+    from prtool.export.quantize import calibration_batch
+    from prtool.util.files import sha256_file
 
     loaded, qopts, res = qdq_export
     m = json.loads(res.manifest_path.read_text())
@@ -177,10 +177,10 @@ def test_bad_quantize_input_is_one_line_and_writes_nothing(exported, checkpoint,
 
 
 def test_bench_speed_and_accuracy_take_quantized_rows(tiny, tmp_path):
-    from prtool.bench_accuracy import bench_accuracy
-    from prtool.bench_speed import bench_speed
-    from prtool.build import schedule_for
-    from prtool.datasets import load_dataset
+    from prtool.bench.accuracy import bench_accuracy
+    from prtool.bench.speed import bench_speed
+    from prtool.data.datasets import load_dataset
+    from prtool.encoder.build import schedule_for
 
     res = bench_speed(tiny, "1:16", None, 1, None, ["baseline", "cls-attn+int8-dynamic"], ["onnxruntime"], [2],
                       warmup=1, iters=1, workdir=tmp_path / "s")
@@ -199,9 +199,9 @@ def test_bench_speed_and_accuracy_take_quantized_rows(tiny, tmp_path):
 
 def test_static_batch_rule_fails_a_batch_coupled_graph(exported, checkpoint, quantized):
     """The dynamic graph judged by the static (exact) rule: the batch-independence row must fail."""
-    from prtool.build import EncoderSpec, build_pruned_encoder, schedule_for
-    from prtool.models import load_clip
-    from prtool.quantize_check import validate_quantized
+    from prtool.encoder.build import EncoderSpec, build_pruned_encoder, schedule_for
+    from prtool.encoder.models import load_clip
+    from prtool.export.quantize_check import validate_quantized
 
     loaded = load_clip("prtool-tiny", str(checkpoint))
     spec = EncoderSpec(schedule_for(loaded, "1:16,2:16"), "predictor", exported[1], "flat")

@@ -14,14 +14,14 @@ import torch
 from conftest import run_cli, write_launcher
 from PIL import Image
 
-from prtool.build import EncoderSpec, build_pruned_encoder, schedule_for
-from prtool.datasets import load_dataset
+from prtool.bench.evaluate import evaluate_zero_shot
+from prtool.data.datasets import load_dataset
+from prtool.encoder.build import EncoderSpec, build_pruned_encoder, schedule_for
 from prtool.errors import PrtoolError
-from prtool.evaluate import evaluate_zero_shot
-from prtool.jobs import rank_dataset, train_from_store
-from prtool.predictor_train import PredictorTrainConfig, listnet_loss, match_at_k
-from prtool.rank_store import load_store
-from prtool.ranking import GoldenRanker, RankConfig, windows
+from prtool.ranking.golden import GoldenRanker, RankConfig, windows
+from prtool.ranking.jobs import rank_dataset, train_from_store
+from prtool.ranking.predictor_train import PredictorTrainConfig, listnet_loss, match_at_k
+from prtool.ranking.store import load_store
 
 ONE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
@@ -139,7 +139,7 @@ def test_predictor_training_is_seeded_and_usable(tiny, folder, tmp_path):
     best = max(history, key=lambda h: (h["match@38"], -h["val_loss"]))
     assert r1["best_epoch"] == best["epoch"] and r1["val_metrics"] == best
     # the trained predictor exports and validates against its own model
-    from prtool.export import ExportOptions, export_onnx
+    from prtool.export.onnx_export import ExportOptions, export_onnx
 
     res = export_onnx(tiny, EncoderSpec(schedule_for(tiny, "1:26"), "predictor", tmp_path / "p1.safetensors"),
                       tmp_path / "m.onnx", ExportOptions())
@@ -168,7 +168,7 @@ def test_golden_oracle_eval_and_show(tiny, folder, tmp_path):
         evaluate_zero_shot(tiny, ds, EncoderSpec(schedule_for(tiny, "2:32"), "golden"), rankings=tmp_path / "s")
     with pytest.raises(PrtoolError, match="needs --rankings"):
         evaluate_zero_shot(tiny, ds, EncoderSpec(sched, "golden"))
-    from prtool.show import render_show
+    from prtool.bench.show import render_show
 
     out = render_show(tiny, ds, schedule_for(tiny, "1:16,2:16"), tmp_path / "show.png", tmp_path / "s", None, 3)
     assert out["rows"] == ["golden", "cls-attn"] and Image.open(tmp_path / "show.png").size[0] > 64 * 2 * 6

@@ -5,11 +5,11 @@ import onnx
 import pytest
 import torch
 
-from prtool.build import EncoderSpec, build_pruned_encoder, schedule_for
+from prtool.encoder.build import EncoderSpec, build_pruned_encoder, schedule_for
+from prtool.encoder.merge import expanded_mask, fuse, merge_into, most_similar, proportional_attention
+from prtool.encoder.rank_merge import RankMergeVisionTransformer, attention_block
 from prtool.errors import PrtoolError
-from prtool.merge import expanded_mask, fuse, merge_into, most_similar, proportional_attention
-from prtool.onnx_graph import op_histogram, topk_nodes, trt_readiness
-from prtool.rank_merge import RankMergeVisionTransformer, attention_block
+from prtool.export.onnx_graph import op_histogram, topk_nodes, trt_readiness
 
 
 def test_nothing_removed_equals_unpruned(tiny, tiny_pixels):
@@ -80,7 +80,7 @@ def test_unknown_design_is_refused(tiny):
 
 @pytest.mark.parametrize("exporter", ["torchscript", "dynamo"])
 def test_export_validates_with_both_exporters(tiny, tmp_path, exporter):
-    from prtool.export import ExportOptions, export_onnx
+    from prtool.export.onnx_export import ExportOptions, export_onnx
 
     spec = EncoderSpec(schedule_for(tiny, "1:16,2:16"), "patch-ranking-merge")
     res = export_onnx(tiny, spec, tmp_path / "m.onnx", ExportOptions(exporter=exporter, with_kept_indices=True))
@@ -100,7 +100,7 @@ def test_export_validates_with_both_exporters(tiny, tmp_path, exporter):
 def test_reference_evaluator_runs_the_merge_export(tiny, tmp_path, tiny_pixels):
     from onnx.reference import ReferenceEvaluator
 
-    from prtool.export import ExportOptions, export_onnx
+    from prtool.export.onnx_export import ExportOptions, export_onnx
 
     spec = EncoderSpec(schedule_for(tiny, "1:16,2:16"), "cls-attn-merge")
     res = export_onnx(tiny, spec, tmp_path / "m.onnx", ExportOptions(validate=False))
@@ -114,9 +114,9 @@ def test_prtool_validate_rebuilds_a_merge_export_from_its_manifest(tiny, tmp_pat
     from safetensors.torch import save_file
 
     from prtool.deploy.verify import validate_artifact
-    from prtool.export import ExportOptions, export_onnx
-    from prtool.models import load_clip
-    from prtool.predictor import PredictorConfig, RankingPredictor, save_predictor
+    from prtool.encoder.models import load_clip
+    from prtool.encoder.predictor import PredictorConfig, RankingPredictor, save_predictor
+    from prtool.export.onnx_export import ExportOptions, export_onnx
 
     ckpt = tmp_path / "tiny.safetensors"
     save_file({k: v.clone().contiguous() for k, v in tiny.model.state_dict().items()}, str(ckpt))

@@ -13,9 +13,9 @@ from cli_artifacts import TINY, artifacts  # noqa: F401 - artifacts is a fixture
 from conftest import cli
 
 from prtool.deploy.build_request import BuildRequest
-from prtool.export_request import ExportRequest
-from prtool.models import sha256_file
-from prtool.recipes import recipe_keys
+from prtool.export.request import ExportRequest
+from prtool.util.files import sha256_file
+from prtool.util.recipes import recipe_keys
 
 DROP = object()  # a base key the case removes from the recipe
 OUTPUT_ONLY = {"ctx", "recipe", "as_json", "quiet", "verbose"}  # how to print, not what to do: not recipe keys

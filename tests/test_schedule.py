@@ -1,7 +1,7 @@
 import pytest
 
+from prtool.encoder.schedule import default_first_block, derive_schedule, parse_schedule, resolve_schedule
 from prtool.errors import PrtoolError
-from prtool.schedule import default_first_block, derive_schedule, parse_schedule, resolve_schedule
 
 
 def test_paper_schedule():

@@ -18,14 +18,14 @@ from conftest import run_cli, write_launcher
 from PIL import Image
 from test_rank import ONE_THREAD, _store_bytes
 
-from prtool.datasets import load_dataset
+from prtool.data.datasets import load_dataset
 from prtool.errors import PrtoolError
-from prtool.jobs import rank_dataset
-from prtool.progress import progress_bar
-from prtool.rank_store import load_store
-from prtool.ranking import RankConfig
-from prtool.store_lock import StoreLock
-from prtool.store_shards import CorruptShard, read_shard
+from prtool.ranking.golden import RankConfig
+from prtool.ranking.jobs import rank_dataset
+from prtool.ranking.lock import StoreLock
+from prtool.ranking.shards import CorruptShard, read_shard
+from prtool.ranking.store import load_store
+from prtool.util.progress import progress_bar
 
 
 def _images(root, n, classes=("a", "b")):
@@ -117,7 +117,7 @@ def test_train_on_a_corrupt_store_is_one_line_and_its_repair_command_works(folde
 
 def _hold_lock(path):
     """A process that takes the store lock and sleeps; returns once it holds it."""
-    code = ("import sys, time; from prtool.store_lock import StoreLock; StoreLock(sys.argv[1]).acquire(); "
+    code = ("import sys, time; from prtool.ranking.lock import StoreLock; StoreLock(sys.argv[1]).acquire(); "
             "print('held', flush=True); time.sleep(600)")
     proc = subprocess.Popen([sys.executable, "-c", code, str(path)], stdout=subprocess.PIPE, text=True)
     assert proc.stdout.readline().strip() == "held"
@@ -133,7 +133,7 @@ def test_the_lock_refuses_a_live_holder_and_not_a_killed_one(tmp_path, caplog):
         os.kill(holder.pid, signal.SIGKILL)
         holder.wait()
     assert (tmp_path / ".lock").exists()  # kill -9 leaves the file behind ...
-    caplog.set_level(logging.INFO, logger="prtool.store_lock")
+    caplog.set_level(logging.INFO, logger="prtool.ranking.lock")
     with StoreLock(tmp_path):  # ... but not the lock
         assert json.loads((tmp_path / ".lock").read_text())["pid"] == os.getpid()
     assert f"(pid {holder.pid} on " in caplog.text and "is no longer running; taking over" in caplog.text
@@ -204,7 +204,7 @@ def test_a_corrupt_image_keeps_finished_shards_and_both_recoveries_resume(tiny, 
 def test_an_image_that_breaks_during_the_run_keeps_finished_shards(tiny, tmp_path, monkeypatch):
     data = _images(tmp_path / "data", 6)
     (data / "train" / "b" / "003.png").write_bytes(b"broken")  # row 4: shard 2
-    monkeypatch.setattr("prtool.rank_store.unreadable_images", lambda ds, rows: [])  # it decoded before the run
+    monkeypatch.setattr("prtool.ranking.store.unreadable_images", lambda ds, rows: [])  # it decoded before the run
     with pytest.raises(PrtoolError, match="003.png cannot be decoded .*--skip-bad.*finished shards are kept"):
         _rank(tiny, data, tmp_path / "s")
     assert sorted(p.name for p in (tmp_path / "s").glob("shard-*")) == ["shard-00000.safetensors",
@@ -231,7 +231,7 @@ def test_a_store_from_before_checksums_is_read_checked_and_upgraded(tiny, folder
     _rank(tiny, folder, out)
     new = load_store(out)
     _downgrade_to_version_1(out)
-    caplog.set_level(logging.WARNING, logger="prtool.rank_store")
+    caplog.set_level(logging.WARNING, logger="prtool.ranking.store")
     old = load_store(out)
     assert old.ids == new.ids and np.array_equal(old.rankings, new.rankings)
     assert "checked for structure only" in caplog.text
@@ -245,10 +245,10 @@ def test_a_store_from_before_checksums_is_read_checked_and_upgraded(tiny, folder
 
 
 def test_default_shard_size_is_minutes_of_work_and_a_store_keeps_its_own(tiny, folder, tmp_path):
-    from prtool.build import EncoderSpec, build_pruned_encoder, schedule_for
-    from prtool.flops import block_macs
-    from prtool.rank_store import CPU_MACS_PER_SECOND, SHARD_SECONDS_2CPU, default_shard_size
-    from prtool.ranking import GoldenRanker
+    from prtool.encoder.build import EncoderSpec, build_pruned_encoder, schedule_for
+    from prtool.encoder.flops import block_macs
+    from prtool.ranking.golden import GoldenRanker
+    from prtool.ranking.store import CPU_MACS_PER_SECOND, SHARD_SECONDS_2CPU, default_shard_size
 
     enc, _ = build_pruned_encoder(tiny, EncoderSpec(schedule_for(tiny, "none")), normalize=False)
     assert GoldenRanker(enc, RankConfig(1, stride=2)).macs_per_image() == 16 * 3 * block_macs(64 + 1 - 4, 32)
@@ -262,7 +262,7 @@ def test_default_shard_size_is_minutes_of_work_and_a_store_keeps_its_own(tiny, f
 
 def test_progress_without_a_terminal_is_logged_at_a_steady_pace(monkeypatch, caplog):
     monkeypatch.setattr(sys.stderr, "isatty", lambda: False)
-    caplog.set_level(logging.INFO, logger="prtool.progress")
+    caplog.set_level(logging.INFO, logger="prtool.util.progress")
     monkeypatch.setenv("PRTOOL_PROGRESS_SECONDS", "0.05")
     with progress_bar(4, "rank", unit="images") as bar:
         for _ in range(4):
@@ -292,10 +292,10 @@ def test_an_engine_that_does_not_match_its_manifest_is_one_line_naming_both(tmp_
 
 
 def test_every_reader_refuses_a_corrupt_store_naming_the_shard(tiny, folder, tmp_path):
-    from prtool.build import EncoderSpec, schedule_for
-    from prtool.evaluate import evaluate_zero_shot
-    from prtool.jobs import train_from_store
-    from prtool.show import render_show
+    from prtool.bench.evaluate import evaluate_zero_shot
+    from prtool.bench.show import render_show
+    from prtool.encoder.build import EncoderSpec, schedule_for
+    from prtool.ranking.jobs import train_from_store
 
     out = tmp_path / "s"
     _rank(tiny, folder, out)

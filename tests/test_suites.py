@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
+from prtool.bench.suites import read_suite
 from prtool.errors import PrtoolError
-from prtool.reports import write_report
-from prtool.suites import read_suite
+from prtool.util.reports import write_report
 
 ROOT = Path(__file__).parents[1]
 SUITES = sorted((ROOT / "benchmarks" / "suites").glob("*.toml"))

@@ -85,7 +85,7 @@ def test_packs_are_reproducible_from_the_idx_files(tmp_path):
 
 
 def test_sketch_domain_renders_the_same_items_as_line_drawings():
-    from prtool.datasets import load_dataset
+    from prtool.data.datasets import load_dataset
 
     plain, sketch = load_dataset("testbed", "test").limit(6), load_dataset("testbed-sketch", "test").limit(6)
     assert sketch.name == "testbed-sketch" and sketch.classnames == plain.classnames
@@ -106,7 +106,7 @@ def test_testbed_definition():
 def test_registered_config_builds():
     import open_clip
 
-    from prtool.models import register_testbed
+    from prtool.encoder.models import register_testbed
 
     register_testbed()
     model = open_clip.create_model("testbed", pretrained=None, load_weights=False)
@@ -117,8 +117,8 @@ def test_registered_config_builds():
 
 @pytest.mark.skipif(not spec.CHECKPOINT_PATH.exists(), reason="testbed checkpoint not trained yet")
 def test_committed_checkpoint_reproduces_reference_embedding():
-    from prtool.images import arrays_to_batch
-    from prtool.models import load_clip
+    from prtool.data.images import arrays_to_batch
+    from prtool.encoder.models import load_clip
 
     ref = json.loads(spec.REFERENCE_PATH.read_text())
     loaded = load_clip("testbed")
@@ -146,7 +146,7 @@ def _write_idx(folder, split, images, labels):
 def test_training_writes_checkpoint_and_log_and_resumes(tmp_path):
     """Two steps on a small fake IDX split: checkpoint, NAME.train.json (never NAME.json, which is the
     config's name in the assets folder), and a resumable state that a longer run picks up."""
-    from prtool.models import load_clip
+    from prtool.encoder.models import load_clip
     from prtool.testbed.train import TrainConfig, train_testbed
 
     idx = tmp_path / "idx"

@@ -15,11 +15,11 @@ from conftest import cli
 from test_deploy import one_line_error, vit_b16_like
 
 import prtool.deploy.trt as trt_mod
-from prtool.deploy import trt_version as tv
 from prtool.deploy.build_config import resolve_build_config
-from prtool.deploy.trt_version import trtexec_command
 from prtool.errors import MissingDependencyError, PrtoolError
-from prtool.recipes import tomllib
+from prtool.runtime.session import trt_version as tv
+from prtool.runtime.trt_version import trtexec_command
+from prtool.util.recipes import tomllib
 
 ROOT = Path(__file__).parents[1]
 RECIPE = ROOT / "export" / "recipes" / "vit-b-16-4x20-fp16.toml"
@@ -239,7 +239,7 @@ def test_build_on_11_sets_no_removed_flag_and_inits_plugins_first(fake_trt, vitb
 def test_build_on_11_fp16_parses_the_mixed_onnx(fake_trt, vitb16, tmp_path, monkeypatch):
     import shutil
 
-    import prtool.deploy.mixed_precision as mp
+    import prtool.export.mixed_precision as mp
 
     _, calls = fake_trt()
     written = []
@@ -305,7 +305,7 @@ class FakeCuda:
 @pytest.fixture
 def fake_engine(tmp_path):
     from prtool.deploy.engine_manifest import engine_manifest_path
-    from prtool.manifest import write_json_atomic
+    from prtool.util.files import write_json_atomic
 
     plan = tmp_path / "e.plan"
     plan.write_bytes(b"plan")
@@ -344,7 +344,7 @@ def test_runner_error_paths(monkeypatch, fake_trt, fake_engine):
 # ---- onnxruntime on GPUs, and the install story -------------------------------------------------------
 
 def test_cuda_provider_runs_fp32_without_tf32():
-    from prtool.deploy.ort_gpu import provider_options
+    from prtool.runtime.ort_gpu import provider_options
 
     assert provider_options("cuda", "fp32") == [{"use_tf32": "0"}, {}]
     assert provider_options("tensorrt", "fp32")[1] == {"use_tf32": "0"}
@@ -354,7 +354,7 @@ def test_cuda_provider_runs_fp32_without_tf32():
 
 
 def test_tensorrt_provider_imports_tensorrt_before_the_session(monkeypatch, vitb16):
-    from prtool.runtime import ort_session
+    from prtool.runtime.session import ort_session
 
     made = []
 
@@ -398,7 +398,7 @@ def test_gpu_extras_pin_matching_tensorrt_onnxruntime_and_cuda():
 
 
 def test_fallback_hint_reinstalls_the_gpu_build_over_the_cpu_one():
-    from prtool.deploy.ort_gpu import FALLBACK_HINT, check_providers
+    from prtool.runtime.ort_gpu import FALLBACK_HINT, check_providers
 
     assert "pip install --force-reinstall --no-deps 'onnxruntime-gpu>=1.27,<2'" in FALLBACK_HINT
     assert "pip uninstall onnxruntime" not in FALLBACK_HINT
@@ -411,9 +411,9 @@ def test_fallback_hint_reinstalls_the_gpu_build_over_the_cpu_one():
 # ---- readiness: plugins ---------------------------------------------------------------------------------
 
 def test_readiness_names_the_scatter_elements_plugin(tiny, tmp_path, vitb16):
-    from prtool.build import EncoderSpec, schedule_for
-    from prtool.export import ExportOptions, export_onnx
-    from prtool.onnx_graph import trt_readiness
+    from prtool.encoder.build import EncoderSpec, schedule_for
+    from prtool.export.onnx_export import ExportOptions, export_onnx
+    from prtool.export.onnx_graph import trt_readiness
 
     res = export_onnx(tiny, EncoderSpec(schedule_for(tiny, "1:16"), "tome"), tmp_path / "tome.onnx",
                       ExportOptions(validate=False))

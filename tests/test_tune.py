@@ -8,14 +8,14 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from prtool.build import EncoderSpec, schedule_for
-from prtool.datasets import few_shot, load_dataset
+from prtool.bench.evaluate import evaluate_zero_shot
+from prtool.data.datasets import few_shot, load_dataset
+from prtool.encoder.build import EncoderSpec, schedule_for
 from prtool.errors import PrtoolError
-from prtool.evaluate import evaluate_zero_shot
-from prtool.export import ExportOptions, export_onnx
-from prtool.prompts import load_tokens
-from prtool.runtime import ort_session
-from prtool.tune import (
+from prtool.export.onnx_export import ExportOptions, export_onnx
+from prtool.runtime.session import ort_session
+from prtool.tuning.prompts import load_tokens
+from prtool.tuning.tune import (
     TuneConfig,
     evaluate_tuned,
     export_extras,
@@ -155,7 +155,7 @@ def test_tokens_tuned_behind_another_ranking_are_refused(tiny, data, tmp_path):
     tokens.with_suffix(".json").write_text(json.dumps(meta))
     with pytest.raises(PrtoolError, match="tuned behind predictor other.safetensors"):
         export_extras(tiny, EncoderSpec(schedule_for(tiny, "1:32"), "predictor", pred), tokens, classifier=False)
-    from prtool.models import sha256_file
+    from prtool.util.files import sha256_file
 
     meta["predictor_sha256"] = sha256_file(pred)  # the same predictor file: accepted
     tokens.with_suffix(".json").write_text(json.dumps(meta))
@@ -164,7 +164,7 @@ def test_tokens_tuned_behind_another_ranking_are_refused(tiny, data, tmp_path):
 
 
 def test_export_text_with_learned_context(tiny, data, tmp_path):
-    from prtool.text_export import export_text
+    from prtool.export.text_export import export_text
 
     spec, learner, metrics = _tune(tiny, data, mode="text")
     tokens = tmp_path / "tok.safetensors"
@@ -179,7 +179,7 @@ def test_export_text_with_learned_context(tiny, data, tmp_path):
 
 
 def test_bench_prompts_rows(tiny, data):
-    from prtool.bench_prompts import bench_prompts, markdown_table
+    from prtool.bench.prompts import bench_prompts, markdown_table
 
     res = bench_prompts(tiny, data, data, schedule_for(tiny, "1:32"), "cls-attn", None,
                         TuneConfig(n_ctx=2, shots=2, epochs=1, batch_size=2))
@@ -211,7 +211,7 @@ def test_class_embedding_averages_synonyms_behind_the_context(tiny, data):
 
 def test_kg_term_keeps_the_text_near_zero_shot(tiny, data):
     """KgCoOp's term: a large weight keeps the learned class embeddings closer to the zero-shot ones."""
-    from prtool.zeroshot import class_text_embeddings
+    from prtool.data.zeroshot import class_text_embeddings
 
     spec = EncoderSpec(schedule_for(tiny, "1:32"), "cls-attn")
     shots = few_shot(data, 2)
@@ -227,7 +227,7 @@ def test_kg_term_keeps_the_text_near_zero_shot(tiny, data):
 
 
 def test_n_ctx_must_leave_room_for_the_class_names(tiny, data):
-    from prtool.prompts import context_room, resolve_n_ctx
+    from prtool.tuning.prompts import context_room, resolve_n_ctx
     tok = tiny.tokenizer()
     room = context_room(tiny.model, tok, [["red"], ["blue"]])
     assert room == tiny.model.positional_embedding.shape[0] - 2 - 2  # start, end; "blue." is 2 tokens

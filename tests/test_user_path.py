@@ -25,7 +25,7 @@ def _error_line(code, out, err, *fragments):
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
     """The tiny model's seeded random weights saved as a checkpoint file (other weights than ``-p none``)."""
-    from prtool.models import load_clip
+    from prtool.encoder.models import load_clip
 
     path = tmp_path_factory.mktemp("ckpt") / "tiny.safetensors"
     save_file({k: v.contiguous() for k, v in load_clip("prtool-tiny", "none").model.state_dict().items()}, str(path))
@@ -80,7 +80,7 @@ def test_split_folders_are_splits(tmp_path):
     code, out, err = run("eval", *TINY, "-d", data, "--split", "val", "--json")
     res = json.loads(out)
     assert code == 0 and res["images"] == 4 and "dataset_notes" not in res
-    from prtool.datasets import load_dataset
+    from prtool.data.datasets import load_dataset
 
     assert load_dataset(str(data), "val").classnames == ["cat", "dog"]
 
@@ -152,8 +152,8 @@ def test_weights_provenance_of_predictor_and_tokens(artifacts, checkpoint, tmp_p
 
 
 def test_an_open_clip_tag_is_compared_too():
+    from prtool.encoder.predictor import check_predictor_fits
     from prtool.errors import PrtoolError
-    from prtool.predictor import check_predictor_fits
 
     meta = {"predictor": {"num_patches": 64, "dim": 32}, "rank_block": 1,
             "model_id": {"model": "prtool-tiny", "pretrained": "openai", "checkpoint_sha256": None}}
@@ -261,7 +261,7 @@ def test_a_schedule_syntax_error_comes_before_the_model_loads(tmp_path):
 
 
 def test_loading_the_testbed_from_python_is_quiet(caplog):
-    from prtool.models import load_clip
+    from prtool.encoder.models import load_clip
 
     with caplog.at_level("WARNING"):
         load_clip("testbed")

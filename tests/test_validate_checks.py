@@ -12,7 +12,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper
 
-from prtool.validate import (
+from prtool.export.validate import (
     Tolerances,
     ValidationReport,
     check_graph,

@@ -1,6 +1,6 @@
 """A bench of deliberately broken exports: each must fail its named validation check, exit 2 and
 leave no file, through ``export_onnx``, ``prtool export``, ``prtool validate`` and the engine/ORT-GPU
-comparison core (``prtool.validate.compare``).
+comparison core (``prtool.export.validate.compare``).
 
 The broken graphs are made by ONNX graph surgery on a real tiny-model export (so PyTorch, the
 reference, stays right), except one: a TopK keeping the lowest scores patched into the model
@@ -22,16 +22,17 @@ import torch
 from conftest import cli
 from onnx import TensorProto, helper, numpy_helper
 
-import prtool.export
-from prtool.build import EncoderSpec, schedule_for
+import prtool.export.onnx_export
 from prtool.deploy.rebuild import rebuild_encoder
 from prtool.deploy.verify import validate_artifact
+from prtool.encoder.build import EncoderSpec, schedule_for
+from prtool.encoder.models import load_clip
+from prtool.encoder.pruned import PrunedVisionTransformer
 from prtool.errors import ValidationError
-from prtool.export import ExportOptions, export_onnx
-from prtool.models import load_clip, sha256_file
-from prtool.pruned import PrunedVisionTransformer
-from prtool.runtime import OrtRunner
-from prtool.validate import PRECISION_TOLERANCES, TorchRunner, compare, validation_images
+from prtool.export.onnx_export import ExportOptions, export_onnx
+from prtool.export.validate import PRECISION_TOLERANCES, TorchRunner, compare, validation_images
+from prtool.runtime.session import OrtRunner
+from prtool.util.files import sha256_file
 
 SCHEDULE = "1:16,2:16"
 EMB, KEPT = "image_embeds", "kept_patch_indices"
@@ -176,14 +177,14 @@ def broken_copy(good_export, tmp_path):
 @pytest.fixture
 def broken_exporter(monkeypatch):
     """Make every export in this test apply ``case``'s surgery right after tracing, before validation."""
-    real = prtool.export.trace_to_onnx
+    real = prtool.export.onnx_export.trace_to_onnx
 
     def install(case: str) -> None:
         def traced_then_broken(encoder, example, path, *args):
             real(encoder, example, path, *args)
             break_file(path, CASES[case][0])
 
-        monkeypatch.setattr(prtool.export, "trace_to_onnx", traced_then_broken)
+        monkeypatch.setattr(prtool.export.onnx_export, "trace_to_onnx", traced_then_broken)
 
     return install
 

@@ -1,4 +1,4 @@
-"""``prtool tune-avit``: fine-tune A-ViT's halting and calibrate its thresholds (``prtool.avit_train``)."""
+"""``prtool tune-avit``: fine-tune A-ViT's halting and calibrate its thresholds (``prtool.tuning.avit_train``)."""
 
 from __future__ import annotations
 
@@ -40,12 +40,12 @@ def tune_avit(
     parts = [s.strip() for s in schedules.split(";") if s.strip()]
     for s in parts:
         check_schedule_syntax(s)
-    from prtool.avit_train import AViTConfig, save_avit
-    from prtool.avit_train import tune_avit as run
-    from prtool.build import schedule_for
-    from prtool.datasets import load_dataset
+    from prtool.data.datasets import load_dataset
+    from prtool.encoder.build import schedule_for
+    from prtool.encoder.models import load_clip
     from prtool.errors import PrtoolError
-    from prtool.models import load_clip
+    from prtool.tuning.avit_train import AViTConfig, save_avit
+    from prtool.tuning.avit_train import tune_avit as run
 
     for name, value in (("--epochs", epochs), ("--images", images), ("--calib-images", calib_images)):
         if value < 1:
@@ -89,10 +89,10 @@ def avit_tokens(
     parts = [s.strip() for s in schedules.split(";") if s.strip()]
     for s in parts:
         check_schedule_syntax(s)
-    from prtool.avit_train import mean_active
-    from prtool.build import EncoderSpec, build_pruned_encoder, schedule_for
-    from prtool.datasets import load_dataset
-    from prtool.models import load_clip
+    from prtool.data.datasets import load_dataset
+    from prtool.encoder.build import EncoderSpec, build_pruned_encoder, schedule_for
+    from prtool.encoder.models import load_clip
+    from prtool.tuning.avit_train import mean_active
 
     loaded = load_clip(model, pretrained)
     dataset = load_dataset(data, split, image_root).limit(limit)

@@ -10,7 +10,7 @@ import typer
 
 from prtool.cli import options as o
 from prtool.cli.common import check_inputs, check_output, check_schedule_syntax, dataset_note, emit, setup, table
-from prtool.methods import help_names
+from prtool.encoder.methods import help_names
 
 app = typer.Typer(help="Benchmarks: accuracy of pruning methods at equal cost.", no_args_is_help=True)
 
@@ -54,13 +54,13 @@ def accuracy(
     for s in schedule or []:
         check_schedule_syntax(s)
     check_inputs(predictor)
-    from prtool.bench_accuracy import bench_accuracy, markdown_table, plot_accuracy_vs_flops
-    from prtool.build import schedule_for
-    from prtool.datasets import load_dataset
-    from prtool.envinfo import collect_env
+    from prtool.bench.accuracy import bench_accuracy, markdown_table, plot_accuracy_vs_flops
+    from prtool.data.datasets import load_dataset
+    from prtool.encoder.build import schedule_for
+    from prtool.encoder.models import load_clip
     from prtool.errors import PrtoolError
-    from prtool.models import load_clip
-    from prtool.reports import write_report
+    from prtool.runtime.envinfo import collect_env
+    from prtool.util.reports import write_report
 
     loaded = load_clip(model, pretrained)
     dataset = load_dataset(data, split, image_root).limit(limit)
@@ -77,7 +77,7 @@ def accuracy(
                             predictor, rankings, [int(s) for s in seeds.split(",")], batch_size, quant)
     result["environment"] = collect_env()
     result.update(dataset_note(dataset))
-    from prtool.quantize_bench import quantized_markdown
+    from prtool.bench.quantize_bench import quantized_markdown
 
     write_report(out, "accuracy", result, markdown_table(result) + quantized_markdown(result), plot_accuracy_vs_flops,
                  "accuracy_vs_gflops.png")
@@ -131,10 +131,10 @@ def speed(
     check_output(out, "dir")
     check_schedule_syntax(schedule)
     check_inputs(predictor)
-    from prtool.bench_speed import bench_speed, markdown_table
-    from prtool.envinfo import collect_env
-    from prtool.models import load_clip
-    from prtool.reports import write_report
+    from prtool.bench.speed import bench_speed, markdown_table
+    from prtool.encoder.models import load_clip
+    from prtool.runtime.envinfo import collect_env
+    from prtool.util.reports import write_report
 
     loaded = load_clip(model, pretrained)
     out.mkdir(parents=True, exist_ok=True)
@@ -186,14 +186,14 @@ def prompts(
     check_output(out, "dir")
     check_schedule_syntax(schedule)
     check_inputs(predictor)
-    from prtool.bench_prompts import bench_prompts, markdown_table
-    from prtool.build import schedule_for
-    from prtool.datasets import load_dataset
-    from prtool.envinfo import collect_env
-    from prtool.models import load_clip
-    from prtool.prompts import resolve_n_ctx
-    from prtool.reports import write_report
-    from prtool.tune import TuneConfig
+    from prtool.bench.prompts import bench_prompts, markdown_table
+    from prtool.data.datasets import load_dataset
+    from prtool.encoder.build import schedule_for
+    from prtool.encoder.models import load_clip
+    from prtool.runtime.envinfo import collect_env
+    from prtool.tuning.prompts import resolve_n_ctx
+    from prtool.tuning.tune import TuneConfig
+    from prtool.util.reports import write_report
 
     loaded = load_clip(model, pretrained)
     sched = schedule_for(loaded, schedule, keep_ratio, stages, first_block)
@@ -244,12 +244,12 @@ def pareto(
     setup(quiet, verbose)
     check_output(out, "dir")
     check_inputs(predictor)
-    from prtool import bench_pareto as bp
-    from prtool.build import resolve_predictor
-    from prtool.datasets import load_dataset
-    from prtool.envinfo import collect_env
-    from prtool.models import load_clip
-    from prtool.reports import write_report
+    from prtool.bench import pareto as bp
+    from prtool.data.datasets import load_dataset
+    from prtool.encoder.build import resolve_predictor
+    from prtool.encoder.models import load_clip
+    from prtool.runtime.envinfo import collect_env
+    from prtool.util.reports import write_report
     if combine:
         result = bp.combine_results([bp.load_report(Path(f.strip())) for f in combine.split(",") if f.strip()])
     else:
@@ -272,7 +272,7 @@ def quantize_option(quantize: str | None, calib_data: str | None, calib_images: 
     """``--quantize a,b`` checked (unknown mode, int8-qdq without --calib-data: one-line errors, before any work)."""
     if not quantize:
         return None
-    from prtool.quantize_bench import check_modes
+    from prtool.bench.quantize_bench import check_modes
 
     modes = [m.strip() for m in quantize.split(",") if m.strip()]
     check_modes(modes, calib_data)

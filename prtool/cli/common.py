@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 
 
 def setup(quiet: bool = False, verbose: bool = False) -> None:
-    from prtool.progress import set_quiet
+    from prtool.util.progress import set_quiet
 
     level = logging.DEBUG if verbose else (logging.ERROR if quiet else logging.INFO)
     root = logging.getLogger()
@@ -104,7 +104,7 @@ def dataset_note(*datasets) -> dict:
 def check_schedule_syntax(schedule: str | None) -> None:
     """Refuse a malformed ``--schedule`` before any model loads (block ranges are checked against the
     model once it is loaded)."""
-    from prtool.schedule import parse_schedule
+    from prtool.encoder.schedule import parse_schedule
 
     if schedule is not None:
         parse_schedule(schedule, num_patches=1 << 30, depth=1 << 30)
@@ -113,15 +113,15 @@ def check_schedule_syntax(schedule: str | None) -> None:
 def check_inputs(predictor=None, tokens=None, onnx=None) -> None:
     """Read the small input files first, so the wrong kind of file is refused before a model loads."""
     if predictor is not None:
-        from prtool.predictor import load_predictor
+        from prtool.encoder.predictor import load_predictor
 
         load_predictor(predictor)
     if tokens is not None:
-        from prtool.prompts import read_tokens
+        from prtool.tuning.prompts import read_tokens
 
         read_tokens(tokens, None)
     if onnx is not None:
-        from prtool.onnx_graph import load_onnx
+        from prtool.export.onnx_graph import load_onnx
 
         load_onnx(onnx)
 

@@ -24,7 +24,7 @@ def demo(
     """Export unpruned + pruned testbed encoders, validate, score in onnxruntime, time, report."""
     setup(quiet, verbose)
     check_output(out, "dir")
-    from prtool.demo import SUMMARY_COLUMNS, run_demo, summary_rows
+    from prtool.bench.demo import SUMMARY_COLUMNS, run_demo, summary_rows
 
     report = run_demo(out, limit=limit, latency_batch=latency_batch, latency_iters=latency_iters)
 

@@ -10,7 +10,7 @@ import typer
 from prtool.cli import options as o
 from prtool.cli.common import check_inputs, check_output, emit, failed_validation_shown, print_checks, setup, table
 from prtool.deploy.build_request import BuildRequest
-from prtool.recipes import options_from
+from prtool.util.recipes import options_from
 
 Recipe = Annotated[Path | None, typer.Option(
     "--recipe", help="TOML recipe; its \\[build] table gives defaults for these options.")]

@@ -9,7 +9,7 @@ from prtool.cli.common import emit, setup, table
 def env(as_json: o.Json = False, quiet: o.Quiet = False, verbose: o.Verbose = False):
     """Versions of torch, open_clip, onnx, onnxruntime (+ providers), polygraphy, TensorRT; CUDA."""
     setup(quiet, verbose)
-    from prtool.envinfo import collect_env
+    from prtool.runtime.envinfo import collect_env
 
     info = collect_env()
     emit(info, as_json, lambda i: table("prtool env", ["item", "value"],

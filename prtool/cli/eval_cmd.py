@@ -44,10 +44,10 @@ def eval_(
     setup(quiet, verbose)
     check_schedule_syntax(schedule)
     check_inputs(predictor, onnx=onnx)
-    from prtool.build import EncoderSpec, resolve_predictor, schedule_for
-    from prtool.datasets import few_shot, load_dataset
-    from prtool.evaluate import evaluate_zero_shot
-    from prtool.models import load_clip
+    from prtool.bench.evaluate import evaluate_zero_shot
+    from prtool.data.datasets import few_shot, load_dataset
+    from prtool.encoder.build import EncoderSpec, resolve_predictor, schedule_for
+    from prtool.encoder.models import load_clip
 
     loaded = load_clip(model, pretrained)
     dataset = load_dataset(data, split, image_root, templates)

@@ -18,8 +18,8 @@ from prtool.cli.common import (
     setup,
     table,
 )
-from prtool.export_request import ExportRequest
-from prtool.recipes import options_from
+from prtool.export.request import ExportRequest
+from prtool.util.recipes import options_from
 
 Opt = typer.Option
 Out = Annotated[Path, Opt("--out", "-o", help="Output .onnx path (the manifest goes beside it as .json).")]
@@ -92,7 +92,7 @@ def export(
     """Export the pruned (or baseline) CLIP image encoder to ONNX, validated against PyTorch."""
     req = options_from(ExportRequest, ctx, dict(locals()), recipe, "export")
     setup(quiet, verbose)
-    from prtool.export_request import run_export
+    from prtool.export.request import run_export
 
     req.check_quantize()
     check_output(req.out, suffixes=(".onnx",))
@@ -125,7 +125,7 @@ def inspect(
 ):
     """Inputs/outputs, opset, op histogram, TopK nodes, dynamic axes, manifest, TensorRT readiness."""
     setup(quiet, verbose)
-    from prtool.onnx_graph import inspect_onnx
+    from prtool.export.onnx_graph import inspect_onnx
 
     info = inspect_onnx(path)
 
@@ -143,7 +143,7 @@ def inspect(
             print(f"manifest: source {m['source']}, schedule {m['schedule']['string'] or 'none'}, scorer {m.get('scorer')}, "
                   f"preprocess {m['preprocess']['image_size']} mean {m['preprocess']['mean']}")
             if m.get("quantization"):
-                from prtool.quantize import describe
+                from prtool.export.quantize import describe
 
                 print(describe(m["quantization"]))
         else:

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from prtool.methods import help_names
+from prtool.encoder.methods import help_names
 
 Model = Annotated[str, typer.Option("--model", "-m", help="open_clip architecture (ViT-B-16, ViT-B-32, ViT-L-14, ...) or 'testbed'.")]
 Pretrained = Annotated[str | None, typer.Option(
@@ -23,7 +23,7 @@ KeepRatio = Annotated[float | None, typer.Option("--keep-ratio",
 Stages = Annotated[int, typer.Option("--stages", help="Number of stages for --keep-ratio.")]
 FirstBlock = Annotated[int | None, typer.Option("--first-block", help="First stage block for --keep-ratio (default: about a third of the depth).")]
 Scorer = Annotated[str, typer.Option("--scorer", help=f"The method (what the encoder does with the patches; "
-                                     f"prtool.methods): {help_names('encoder')}.")]
+                                     f"prtool.encoder.methods): {help_names('encoder')}.")]
 PredictorPath = Annotated[Path | None, typer.Option("--predictor", help="Trained predictor (.safetensors from `prtool train`).")]
 Data = Annotated[str, typer.Option("--data", "-d", help="'testbed', 'testbed-sketch' (the same items as line drawings), a class-folder directory, a .csv manifest or a CoOp split .json.")]
 Split = Annotated[str, typer.Option("--split", help="train, val or test.")]

@@ -86,8 +86,8 @@ def plan(
     check_output(out, "dir")
     check_output(cache or out / "cache.json", "file", "--cache")
     check_inputs(predictor)
-    from prtool import plan as pl
-    from prtool import plan_space as ps
+    from prtool.bench import plan as pl
+    from prtool.bench import plan_space as ps
 
     cache = ps.PlanCache(cache or out / "cache.json")  # a wrong file is refused before the model loads
 
@@ -101,8 +101,8 @@ def plan(
 def _check_args(budget_ms, speedup, backend, batch, margin, per_group, max_time, calib_split, report_split,
                 speed_only, iters) -> dict:
     """Everything checkable before a model loads, so bad input costs nothing and writes nothing."""
+    from prtool.bench.plan_space import BACKENDS
     from prtool.errors import PrtoolError
-    from prtool.plan_space import BACKENDS
 
     if (budget_ms is None) == (speedup is None):
         raise PrtoolError("give exactly one budget: --budget-ms X (ms per batch) or --speedup S (e.g. 1.3)")
@@ -123,11 +123,11 @@ def _check_args(budget_ms, speedup, backend, batch, margin, per_group, max_time,
 
 
 def _run(pl, ps, a: dict, budget: dict, methods: list[str], stages: list[int], keeps: list[float]) -> dict:
-    from prtool.build import schedule_for
-    from prtool.datasets import load_dataset
-    from prtool.envinfo import collect_env
-    from prtool.manifest import write_json_atomic
-    from prtool.models import load_clip
+    from prtool.data.datasets import load_dataset
+    from prtool.encoder.build import schedule_for
+    from prtool.encoder.models import load_clip
+    from prtool.runtime.envinfo import collect_env
+    from prtool.util.files import write_json_atomic
 
     loaded = load_clip(a["model"], a["pretrained"])
     pred, rank_block = pl.plan_predictor(loaded, a["predictor"], methods, a["speed_only"])
@@ -157,14 +157,14 @@ def _run(pl, ps, a: dict, budget: dict, methods: list[str], stages: list[int], k
             result["report"] = pl.verify(setup_, cands, load_dataset(a["data"], a["report_split"], a["image_root"]))
     _write(pl, out, result, write_json_atomic)
     if result["pick"] is None:  # a search that ran is a result: the front is reported, the missing pick said
-        logging.getLogger("prtool.plan").warning(
+        logging.getLogger("prtool.bench.plan").warning(
             "warning: no measured candidate met the budget, nothing exported: raise the budget, widen --keep-ratios/"
             "--stages" + (" or give a larger --max-time" if result["stopped_early"] else ""))
     return result
 
 
 def _write(pl, out: Path, result: dict, write_json_atomic) -> None:
-    from prtool.bench_pareto import plot_pareto
+    from prtool.bench.pareto import plot_pareto
 
     write_json_atomic(out / "plan.json", result)
     (out / "plan.md").write_text(pl.plan_markdown(result))

@@ -54,11 +54,11 @@ def rank(
     import sys
 
     check_output(out, "dir")
-    from prtool.datasets import few_shot, load_dataset
-    from prtool.jobs import default_rank_block, rank_dataset
-    from prtool.models import load_clip
-    from prtool.rank_store import rank_command
-    from prtool.ranking import RankConfig
+    from prtool.data.datasets import few_shot, load_dataset
+    from prtool.encoder.models import load_clip
+    from prtool.ranking.golden import RankConfig
+    from prtool.ranking.jobs import default_rank_block, rank_dataset
+    from prtool.ranking.store import rank_command
 
     loaded = load_clip(model, pretrained)
     dataset = load_dataset(data, split, image_root)
@@ -106,10 +106,10 @@ def train(
     check_output(out, suffixes=(".safetensors",))
     import json
 
-    from prtool.datasets import load_dataset
-    from prtool.jobs import train_from_store
-    from prtool.models import load_clip
-    from prtool.predictor_train import PredictorTrainConfig
+    from prtool.data.datasets import load_dataset
+    from prtool.encoder.models import load_clip
+    from prtool.ranking.jobs import train_from_store
+    from prtool.ranking.predictor_train import PredictorTrainConfig
 
     loaded = load_clip(model, pretrained)
     dataset = load_dataset(data, split, image_root)
@@ -146,10 +146,10 @@ def show(
     check_output(out, suffixes=(".png",))
     check_schedule_syntax(schedule)
     check_inputs(predictor)
-    from prtool.build import schedule_for
-    from prtool.datasets import load_dataset
-    from prtool.models import load_clip
-    from prtool.show import render_show
+    from prtool.bench.show import render_show
+    from prtool.data.datasets import load_dataset
+    from prtool.encoder.build import schedule_for
+    from prtool.encoder.models import load_clip
 
     loaded = load_clip(model, pretrained)
     dataset = load_dataset(data, split, image_root)

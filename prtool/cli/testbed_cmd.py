@@ -99,9 +99,9 @@ def train(
     if out.resolve() == spec.CHECKPOINT_PATH.resolve():
         write_reference(out)  # the committed checkpoint's regression anchor
     if evaluate:
-        from prtool.datasets import load_dataset
-        from prtool.evaluate import evaluate_zero_shot
-        from prtool.models import load_clip
+        from prtool.bench.evaluate import evaluate_zero_shot
+        from prtool.data.datasets import load_dataset
+        from prtool.encoder.models import load_clip
 
         result["eval"] = evaluate_zero_shot(load_clip("testbed", str(out)), load_dataset("testbed", "test"))
     emit(result, as_json, lambda r: print(f"wrote {out}" + (f"; zero-shot top-1 {r['eval']['top1']:.2f}%"

@@ -60,11 +60,11 @@ def tune(
     check_output(out, suffixes=(".safetensors",))
     check_schedule_syntax(schedule)
     check_inputs(predictor)
-    from prtool.build import EncoderSpec, resolve_predictor, schedule_for
-    from prtool.datasets import few_shot, load_dataset
-    from prtool.models import load_clip
-    from prtool.prompts import resolve_n_ctx
-    from prtool.tune import TuneConfig, evaluate_tuned, save_tuned, tune_tokens
+    from prtool.data.datasets import few_shot, load_dataset
+    from prtool.encoder.build import EncoderSpec, resolve_predictor, schedule_for
+    from prtool.encoder.models import load_clip
+    from prtool.tuning.prompts import resolve_n_ctx
+    from prtool.tuning.tune import TuneConfig, evaluate_tuned, save_tuned, tune_tokens
 
     loaded = load_clip(model, pretrained)
     sched = schedule_for(loaded, schedule, keep_ratio, stages, first_block)
@@ -100,8 +100,8 @@ def export_text(
     setup(quiet, verbose)
     check_output(out, suffixes=(".onnx",))
     check_inputs(tokens=tokens)
-    from prtool.models import load_clip
-    from prtool.text_export import export_text as run
+    from prtool.encoder.models import load_clip
+    from prtool.export.text_export import export_text as run
 
     loaded = load_clip(model, pretrained)
     with failed_validation_shown(as_json):

@@ -5,12 +5,12 @@ LayerNormalization/Softmax nodes), checks the user's choices and returns a froze
 :class:`BuildConfig`. The same object drives the Python build (``prtool.deploy.trt``) and
 ``trtexec_command`` (what ``prtool build --dry-run`` prints), so both always agree.
 
-Precision choices (what each means per TensorRT major: :mod:`prtool.deploy.trt_version`):
+Precision choices (what each means per TensorRT major: :mod:`prtool.runtime.trt_version`):
 
 - ``fp32``: FP32 only; TF32 is switched off so "fp32" means FP32 (``--noTF32``).
 - ``fp16`` / ``bf16``: on TensorRT 11 (and on 10 with ``--strongly-typed``) prtool writes a
   mixed-precision ONNX beside the engine (LayerNorm, Softmax, the ranking scores and the index path
-  kept in FP32: :mod:`prtool.deploy.mixed_precision`) and TensorRT builds it as typed. On 10
+  kept in FP32: :mod:`prtool.export.mixed_precision`) and TensorRT builds it as typed. On 10
   without ``--strongly-typed`` the builder may pick that type (weak typing, deprecated in 10.12),
   with LayerNorm/Softmax pinned to FP32 through ``OBEY_PRECISION_CONSTRAINTS`` unless
   ``fp32_norm`` is off: FP16 LayerNorm overflows on CLIP ViTs.
@@ -27,7 +27,8 @@ import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from prtool.deploy.trt_version import (  # noqa: F401 - trtexec_command is re-exported
+from prtool.errors import PrtoolError
+from prtool.runtime.trt_version import (  # noqa: F401 - trtexec_command is re-exported
     DEFAULT_MAJOR,
     builder_flags,
     check_precision,
@@ -39,7 +40,6 @@ from prtool.deploy.trt_version import (  # noqa: F401 - trtexec_command is re-ex
     uses_mixed_onnx,
     weakly_typed,
 )
-from prtool.errors import PrtoolError
 
 PRECISIONS = ("fp32", "fp16", "bf16", "best")
 DEFAULT_PRECISION = "fp16"
@@ -167,7 +167,7 @@ def fp32_layer_patterns(model) -> tuple[str, ...] | None:
 
 
 def _input_profile(model, path: Path, min_batch: int, opt_batch: int, max_batch: int) -> Profile:
-    from prtool.onnx_graph import io_shapes
+    from prtool.export.onnx_graph import io_shapes
 
     inputs = io_shapes(model)["inputs"]
     if len(inputs) != 1:
@@ -218,15 +218,15 @@ def resolve_build_config(onnx_path: Path, precision: str | None = None, min_batc
     ``precision=None`` means the default (fp16), or the graph's own types when strongly typed or
     already mixed. ``engine`` places the mixed-precision ONNX beside it.
     """
-    from prtool.models import sha256_file
-    from prtool.onnx_graph import load_onnx, op_histogram, opset_of
+    from prtool.export.onnx_graph import load_onnx, op_histogram, opset_of
+    from prtool.util.files import sha256_file
 
     onnx_path = Path(onnx_path)
     model = load_onnx(onnx_path)
     profile = _input_profile(model, onnx_path, min_batch, opt_batch, max_batch)
     types = graph_float_types(model)
     major = resolve_major(trt_version, installed_tensorrt())
-    from prtool.quantize import trt_precision
+    from prtool.export.quantize import trt_precision
 
     qdq = trt_precision(model, precision) == "graph"  # explicit INT8 quantization: strongly typed, no flags
     precision = "graph" if qdq else _resolve_precision(precision, strongly_typed, types, major)
@@ -266,7 +266,7 @@ def resolve_build_config(onnx_path: Path, precision: str | None = None, min_batc
 
 @dataclass(frozen=True)
 class _Typing:
-    """The two fields :func:`~prtool.deploy.trt_version.weakly_typed` reads, before the config exists."""
+    """The two fields :func:`~prtool.runtime.trt_version.weakly_typed` reads, before the config exists."""
 
     trt_major: int
     strongly_typed: bool

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from prtool.errors import PrtoolError
-from prtool.recipes import NOT_IN_RECIPES
+from prtool.util.recipes import NOT_IN_RECIPES
 
 
 @dataclass
@@ -50,7 +50,7 @@ def build_config(req: BuildRequest):
 
 def write_mixed_only(cfg) -> dict:
     """``--mixed-onnx-only``: the mixed-precision ONNX TensorRT would build, and its record."""
-    from prtool.deploy.mixed_precision import write_mixed_onnx
+    from prtool.export.mixed_precision import write_mixed_onnx
 
     if cfg.mixed_onnx is None:
         raise PrtoolError(f"no mixed-precision ONNX for precision {cfg.precision} on TensorRT {cfg.trt_major}: "
@@ -71,7 +71,7 @@ def run_build(req: BuildRequest) -> dict:
     if req.mixed_onnx_only:
         return write_mixed_only(cfg)
     if req.dry_run:
-        from prtool.onnx_graph import load_onnx, trt_readiness
+        from prtool.export.onnx_graph import load_onnx, trt_readiness
 
         return {"dry_run": True, "engine": str(engine), "manifest": str(engine_manifest_path(engine)),
                 "config": cfg.to_dict(), "trtexec": shell_command(cmd), "trtexec_argv": cmd,

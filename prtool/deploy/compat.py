@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from prtool.deploy.consumers import CONSUMERS
-from prtool.io_names import EMBEDS, PIXELS
+from prtool.export.io_names import EMBEDS, PIXELS
 
 # Consumers outside Python (prtool.deploy.consumers) read image files, not pixels: their cells run
 # on the same canvases written as PNG, preprocessed by the consumer itself.
@@ -100,7 +100,7 @@ def run_runtime(runtime: str, onnx_path: Path, pixels: np.ndarray, workdir: Path
 
         return [run_consumer(runtime, onnx_path, sorted(workdir.glob("canvas_*.png")))[EMBEDS]]
     if runtime == "onnxruntime-cpu":
-        from prtool.runtime import ort_session
+        from prtool.runtime.session import ort_session
 
         return ort_session(onnx_path).run(None, feed)
     if runtime == "onnx-reference":
@@ -168,8 +168,8 @@ def run_isolated(runtime: str, onnx_path: Path, pixels_path: Path, workdir: Path
 
 
 def cell_result(status: str, payload, reference: np.ndarray, pixels: np.ndarray) -> dict:
-    """A cell's verdict: the runtime's ``image_embeds`` through :func:`prtool.validate.compare` (FP32 preset)."""
-    from prtool.validate import RecordedRunner, Tolerances, compare
+    """A cell's verdict: the runtime's ``image_embeds`` through :func:`prtool.export.validate.compare` (FP32 preset)."""
+    from prtool.export.validate import RecordedRunner, Tolerances, compare
 
     if status != "ok":
         return {"status": "crash" if status == "crash" else "error", "detail": str(payload)[:300]}
@@ -184,9 +184,9 @@ def cell_result(status: str, payload, reference: np.ndarray, pixels: np.ndarray)
 
 
 def _export_variant(loaded, variant: Variant, schedule, predictor: Path, workdir: Path):
-    from prtool.build import EncoderSpec, build_pruned_encoder, schedule_for
-    from prtool.export import ExportOptions, export_onnx
-    from prtool.onnx_graph import load_onnx, op_histogram
+    from prtool.encoder.build import EncoderSpec, build_pruned_encoder, schedule_for
+    from prtool.export.onnx_export import ExportOptions, export_onnx
+    from prtool.export.onnx_graph import load_onnx, op_histogram
 
     sched = schedule if variant.pruned else schedule_for(loaded, "none")
     spec = EncoderSpec(sched, variant.scorer, predictor if variant.pruned else None, variant.gather)
@@ -220,11 +220,11 @@ def run_compat(loaded, schedule, variants=VARIANTS, runtimes=RUNTIMES, batch: in
     import torch
     from PIL import Image
 
-    from prtool.manifest import package_versions
-    from prtool.predictor import PredictorConfig, RankingPredictor, save_predictor
-    from prtool.seed import seed_everything
+    from prtool.encoder.predictor import PredictorConfig, RankingPredictor, save_predictor
+    from prtool.export.manifest import package_versions
+    from prtool.export.validate import Tolerances, validation_images
     from prtool.testbed.eval_set import load_eval_canvases
-    from prtool.validate import Tolerances, validation_images
+    from prtool.util.seed import seed_everything
 
     versions = {r: runtime_version(r) for r in runtimes}
     pixels, images = validation_images(None, loaded.preprocess, batch)
@@ -314,7 +314,7 @@ def matrix_markdown(result: dict) -> str:
 
 def write_matrix(result: dict, out_dir: Path) -> tuple[Path, Path]:
     """Write ``compat.json`` and ``COMPAT.md`` into ``out_dir``, each atomically."""
-    from prtool.reports import write_atomic
+    from prtool.util.reports import write_atomic
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -330,10 +330,10 @@ def generate_compat(out: Path = Path("export/compat"), model: str = "testbed", p
                     seed: int = 0, command: str = "python -m prtool.deploy.compat") -> tuple[Path, Path]:
     """Measure the matrix for ``model`` (pruned variants keep ``keep_ratio`` of the patches in ``stages``)
     and write ``compat.json`` + ``COMPAT.md`` into ``out``; ``command`` regenerates it (recorded)."""
-    from prtool.build import schedule_for
+    from prtool.encoder.build import schedule_for
+    from prtool.encoder.models import load_clip
     from prtool.errors import PrtoolError
-    from prtool.models import load_clip
-    from prtool.seed import seed_everything
+    from prtool.util.seed import seed_everything
 
     unknown = sorted(set(runtimes) - set(RUNTIMES))
     if unknown:

@@ -4,7 +4,7 @@ Runtime and OpenVINO backends), ``export/web`` under Node and in headless Chromi
 Each runner takes an export (``model.onnx`` with its ``model.json``) and image files and returns the
 JSON document the consumer wrote: per image ``image_embeds`` and, when the export has them,
 ``kept_patch_indices``, ``logits`` and ``top5``. :class:`ConsumerRunner` makes any of them a runner
-for :func:`prtool.validate.compare`. Chromium loads the page from a server on
+for :func:`prtool.export.validate.compare`. Chromium loads the page from a server on
 127.0.0.1 (a module import from ``file://`` is blocked) and POSTs its document back to it.
 """
 
@@ -25,7 +25,7 @@ from urllib.parse import quote
 import numpy as np
 
 from prtool.errors import PrtoolError
-from prtool.io_names import EMBEDS, KEPT_INDICES, LOGITS, PIXELS
+from prtool.export.io_names import EMBEDS, KEPT_INDICES, LOGITS, PIXELS
 
 ROOT = Path(__file__).resolve().parents[2]
 CPP_DIR = ROOT / "export" / "cpp"
@@ -330,12 +330,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--screenshot", type=Path, required=True, help="PNG to write")
     ap.add_argument("--image", type=int, default=0, help="testbed eval canvas to show")
     args = ap.parse_args(argv)
-    from prtool.build import EncoderSpec, schedule_for
-    from prtool.export import ExportOptions, export_onnx
-    from prtool.models import load_clip
+    from prtool.encoder.build import EncoderSpec, schedule_for
+    from prtool.encoder.models import load_clip
+    from prtool.export.onnx_export import ExportOptions, export_onnx
     from prtool.testbed import spec as tbspec
     from prtool.testbed.eval_set import load_eval_canvases
-    from prtool.tune import export_extras
+    from prtool.tuning.tune import export_extras
 
     try:
         loaded = load_clip("testbed")

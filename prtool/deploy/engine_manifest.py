@@ -15,7 +15,7 @@ import json
 from pathlib import Path
 
 from prtool.errors import PrtoolError
-from prtool.manifest import MANIFEST_VERSION, package_versions, read_manifest_for
+from prtool.export.manifest import MANIFEST_VERSION, package_versions, read_manifest_for
 
 ENGINE_KIND = "tensorrt-engine"
 ENGINE_SUFFIXES = (".plan", ".engine")
@@ -76,7 +76,7 @@ def read_engine_manifest(plan: Path, check_hash: bool = True) -> dict:
 
 def check_engine_hash(plan: Path, side: Path, manifest: dict) -> None:
     """Refuse, in one line naming both files, an engine whose bytes are not the ones its manifest describes."""
-    from prtool.models import sha256_file
+    from prtool.util.files import sha256_file
 
     want = manifest.get("engine_sha256")
     got = sha256_file(plan)  # streamed: engines can be gigabytes

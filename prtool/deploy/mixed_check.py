@@ -3,8 +3,8 @@
 ``python -m prtool.deploy.mixed_check runs/x/model.fp16.onnx --data testbed`` rebuilds the FP32
 encoder from the ONNX's manifest, runs both on every image (onnxruntime CPU for the ONNX) and
 reports zero-shot top-1 of each, their top-1 agreement, the per-image embedding cosine and the
-kept-patch set agreement, judged by :data:`prtool.validate.MIXED_TOLERANCES` (dataset-level criteria
-for a reduced precision graph, beside the per-image presets ``prtool.validate.PRECISION_TOLERANCES``).
+kept-patch set agreement, judged by :data:`prtool.export.validate.MIXED_TOLERANCES` (dataset-level criteria
+for a reduced precision graph, beside the per-image presets ``prtool.export.validate.PRECISION_TOLERANCES``).
 
 onnxruntime's CPU provider has few fp16 kernels: it runs most fp16 nodes in FP32 between inserted
 casts, so this checks the graph's structure, its fp16 weights and the rounding at every cast, not
@@ -12,7 +12,7 @@ fp16 accumulation inside matrix products (that part needs TensorRT on a GPU). ``
 reference`` runs the graph in ONNX's reference evaluator instead (numpy, every node in its own
 dtype: closer to fp16 arithmetic, ~2 s per image on the testbed, so use ``--limit``).
 
-Sessions on mixed graphs use ``ORT_ENABLE_EXTENDED`` (:func:`prtool.runtime.ort_session` sees the fp16
+Sessions on mixed graphs use ``ORT_ENABLE_EXTENDED`` (:func:`prtool.runtime.session.ort_session` sees the fp16
 tensors): onnxruntime 1.32 CPU's NCHWc layout transformer (part of the default ``ORT_ENABLE_ALL``)
 segfaults on AutoCast's fp16 testbed graph.
 """
@@ -29,8 +29,8 @@ import numpy as np
 import torch
 
 from prtool.errors import PrtoolError
-from prtool.io_names import PIXELS, as_tuple
-from prtool.validate import MIXED_TOLERANCES, MixedTolerance
+from prtool.export.io_names import PIXELS, as_tuple
+from prtool.export.validate import MIXED_TOLERANCES, MixedTolerance
 
 
 def _batch_figures(ref: list[np.ndarray], got: list[np.ndarray], class_emb: np.ndarray) -> dict:
@@ -60,11 +60,11 @@ class ReferenceRunner:
 def measure_mixed(onnx_path: Path, data: str = "testbed", split: str = "test", batch_size: int = 64,
                   pretrained: str | None = None, predictor: Path | None = None, limit: int | None = None,
                   runtime: str = "onnxruntime") -> dict:
-    from prtool.datasets import load_dataset
+    from prtool.data.datasets import load_dataset
+    from prtool.data.zeroshot import text_classifier
     from prtool.deploy.rebuild import rebuild_encoder
-    from prtool.evaluate import text_classifier
-    from prtool.manifest import checked_manifest
-    from prtool.runtime import OrtRunner
+    from prtool.export.manifest import checked_manifest
+    from prtool.runtime.session import OrtRunner
 
     onnx_path = Path(onnx_path)
     manifest = checked_manifest(onnx_path)  # refuses a missing manifest, or one of another graph, naming both

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from prtool.errors import PrtoolError
-from prtool.io_names import KEPT_INDICES, LOGITS
+from prtool.export.io_names import KEPT_INDICES, LOGITS
 
 ONNX_KIND = "onnx-image-encoder"
 
@@ -62,7 +62,7 @@ def _predictor(manifest: dict, predictor: Path | None) -> Path | None:
 
 def _tokens(manifest: dict, tokens: Path | None) -> Path | None:
     """The tokens file an export baked in (``tokens`` overrides the recorded path), checked by sha256."""
-    from prtool.models import sha256_file
+    from prtool.util.files import sha256_file
 
     recorded = manifest.get("tokens")
     if not recorded:
@@ -84,7 +84,7 @@ def _same(a, b) -> bool:
 
 
 def _classifier_data(manifest: dict):
-    from prtool.datasets import load_dataset
+    from prtool.data.datasets import load_dataset
 
     data = manifest.get("classifier_data")
     if not data:
@@ -97,10 +97,10 @@ def rebuild_encoder(manifest: dict, pretrained: str | None = None, predictor: Pa
                     tokens: Path | None = None) -> Rebuilt:
     """The fp32 PyTorch encoder described by an ONNX manifest (``pretrained``/``predictor``/``tokens``
     override paths), with its visual tokens and classifier head."""
-    from prtool.build import EncoderSpec, build_pruned_encoder, schedule_for
-    from prtool.export import WithClassifier
-    from prtool.methods import ranker_of
-    from prtool.models import load_clip
+    from prtool.encoder.build import EncoderSpec, build_pruned_encoder, schedule_for
+    from prtool.encoder.methods import ranker_of
+    from prtool.encoder.models import load_clip
+    from prtool.export.onnx_export import WithClassifier
 
     if not isinstance(manifest, dict) or manifest.get("kind") != ONNX_KIND:
         raise PrtoolError("this is not a prtool ONNX manifest: re-export with `prtool export`")
@@ -125,7 +125,7 @@ def rebuild_encoder(manifest: dict, pretrained: str | None = None, predictor: Pa
     outputs = [o["name"] for o in manifest["outputs"]]
     extras = {"visual_prompts": None, "class_embeds": None}
     if tokens_path is not None or LOGITS in outputs:
-        from prtool.tune import export_extras
+        from prtool.tuning.tune import export_extras
 
         data = _classifier_data(manifest) if LOGITS in outputs and tokens_path is None else None
         extras = export_extras(loaded, spec, tokens_path, LOGITS in outputs, data)

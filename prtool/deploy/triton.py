@@ -54,7 +54,7 @@ def _tensors(entries: list[dict], where: str) -> list[tuple[str, str, list[int]]
 
 
 def _external_data(onnx_path: Path) -> list[Path]:
-    from prtool.onnx_graph import load_onnx
+    from prtool.export.onnx_graph import load_onnx
 
     files = set()
     for t in load_onnx(onnx_path).graph.initializer:
@@ -63,8 +63,8 @@ def _external_data(onnx_path: Path) -> list[Path]:
 
 
 def _onnx_model(path: Path, name: str, max_batch: int | None) -> TritonModel:
-    from prtool.manifest import checked_manifest
-    from prtool.onnx_graph import io_shapes, load_onnx
+    from prtool.export.manifest import checked_manifest
+    from prtool.export.onnx_graph import io_shapes, load_onnx
 
     manifest = checked_manifest(path)
     graph = io_shapes(load_onnx(path))
@@ -149,7 +149,7 @@ def package_triton(artifacts: list[Path], out_dir: Path, name: str | None = None
                    max_batch: int | None = None) -> list[dict]:
     """Write one Triton model folder per artifact (an .onnx and/or a .plan/.engine) into ``out_dir``."""
     from prtool.deploy.engine_manifest import ENGINE_SUFFIXES, engine_manifest_path
-    from prtool.manifest import manifest_path_for
+    from prtool.export.manifest import manifest_path_for
 
     artifacts = [Path(a) for a in artifacts]
     onnx = [a for a in artifacts if a.suffix == ".onnx"]

@@ -3,7 +3,7 @@
 Written against TensorRT's public Python API; ``tensorrt`` is imported inside the functions
 (``pip install 'prtool[gpu]'``), so nothing here is needed for ``prtool --help`` or a dry run.
 What differs between majors (builder and network flags) comes from
-:mod:`prtool.deploy.trt_version`. Buffers are torch CUDA tensors, so no pycuda/cuda-python is
+:mod:`prtool.runtime.trt_version`. Buffers are torch CUDA tensors, so no pycuda/cuda-python is
 needed either; the CUDA calls go through :data:`CUDA`, which tests replace to reach the error
 paths on a CPU machine.
 """
@@ -27,9 +27,9 @@ from prtool.deploy.engine_manifest import (
     engine_manifest_path,
     read_engine_manifest,
 )
-from prtool.deploy.trt_version import builder_flags, check_runtime_major, network_flags, pins_layers
 from prtool.errors import PrtoolError, require
-from prtool.manifest import write_json_atomic
+from prtool.runtime.trt_version import builder_flags, check_runtime_major, network_flags, pins_layers
+from prtool.util.files import write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -212,7 +212,7 @@ def build_engine(cfg: BuildConfig, out: Path) -> dict:
     out = Path(out)
     runtime = runtime_info()
     if cfg.mixed_onnx is not None:
-        from prtool.deploy.mixed_precision import write_mixed_onnx
+        from prtool.export.mixed_precision import write_mixed_onnx
 
         write_mixed_onnx(cfg.onnx, cfg.mixed_onnx, cfg.precision, cfg.fp32_norm)
     builder, network, _parser = _parse(trt, cfg, logger)  # the parser owns the weights until the build ends
@@ -241,7 +241,7 @@ def build_engine(cfg: BuildConfig, out: Path) -> dict:
 
 class TensorRTRunner:
     """``infer({input name: [B, 3, H, W]}) -> {output name: np.ndarray}`` on a checked engine (the runner
-    interface of :func:`prtool.validate.compare`).
+    interface of :func:`prtool.export.validate.compare`).
 
     Refuses (``PrtoolError``) an engine without a manifest, or one built for another TensorRT
     version or GPU. Inputs may be numpy arrays or torch tensors; they are fed in the engine's own

@@ -1,10 +1,10 @@
 """``prtool validate``: compare a deployed artifact (TensorRT engine or ONNX on a provider) with PyTorch.
 
 The PyTorch encoder is rebuilt from the artifact's manifest (``prtool.deploy.rebuild``) and run
-in FP32 on real images; the artifact, opened as a runner (:class:`~prtool.runtime.OrtRunner` or
-:class:`~prtool.deploy.trt.TensorRTRunner`), goes through :func:`prtool.validate.compare`, the
+in FP32 on real images; the artifact, opened as a runner (:class:`~prtool.runtime.session.OrtRunner` or
+:class:`~prtool.deploy.trt.TensorRTRunner`), goes through :func:`prtool.export.validate.compare`, the
 same comparison as the export's own validation, under its precision's preset
-(:data:`prtool.validate.PRECISION_TOLERANCES`).
+(:data:`prtool.export.validate.PRECISION_TOLERANCES`).
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from prtool.errors import PrtoolError
-from prtool.validate import PRECISION_TOLERANCES, TorchRunner, ValidationReport, check_graph, compare
+from prtool.export.validate import PRECISION_TOLERANCES, TorchRunner, ValidationReport, check_graph, compare
 
 
 def _open_artifact(path: Path, provider: str, precision: str | None):
@@ -36,8 +36,8 @@ def _open_artifact(path: Path, provider: str, precision: str | None):
         return runner, source, m["validation_preset"], backend
     if path.suffix != ".onnx":
         raise PrtoolError(f"{path} is neither an ONNX file (.onnx) nor an engine ({', '.join(ENGINE_SUFFIXES)})")
-    from prtool.manifest import checked_manifest
-    from prtool.runtime import OrtRunner
+    from prtool.export.manifest import checked_manifest
+    from prtool.runtime.session import OrtRunner
 
     if not path.is_file():
         raise PrtoolError(f"ONNX file {path} does not exist" + (" (it is a directory)" if path.is_dir() else ""))
@@ -59,7 +59,7 @@ def validate_artifact(path: Path, provider: str = "cpu", precision: str | None =
     a failed validation raises :class:`~prtool.errors.ValidationError` unless ``allow_failed``.
     """
     from prtool.deploy.rebuild import rebuild_encoder
-    from prtool.validate import validation_images
+    from prtool.export.validate import validation_images
 
     path = Path(path)
     if batch_size < 2:

@@ -14,8 +14,8 @@ def write_reference(checkpoint: Path = spec.CHECKPOINT_PATH, out: Path = spec.RE
     """Record the checkpoint's hash and its embedding of eval canvas 0 (a regression anchor for tests)."""
     import torch
 
-    from prtool.images import arrays_to_batch
-    from prtool.models import load_clip
+    from prtool.data.images import arrays_to_batch
+    from prtool.encoder.models import load_clip
 
     loaded = load_clip(spec.MODEL_NAME, str(checkpoint))
     canvases, labels = load_split_canvases("test", limit=1)

@@ -27,9 +27,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from prtool.progress import progress_bar
 from prtool.testbed import data as tbdata
 from prtool.testbed import spec
+from prtool.util.progress import progress_bar
 
 log = logging.getLogger(__name__)
 
@@ -172,8 +172,8 @@ def train_testbed(out: Path, cfg: TrainConfig = TrainConfig(), idx_dir: Path = t
     """Train the testbed and write ``out`` (fp16 safetensors) plus ``NAME.train.json`` with the metrics."""
     import open_clip
 
-    from prtool.models import preprocess_config, register_testbed
-    from prtool.seed import seed_everything
+    from prtool.encoder.models import preprocess_config, register_testbed
+    from prtool.util.seed import seed_everything
 
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
