@@ -108,7 +108,8 @@ def speed(
     predictor: o.PredictorPath = None,
     variants: Annotated[str, typer.Option("--variants", help=f"Comma-separated: {help_names('speed')}.")
                         ] = "baseline,patch-ranking,static,evit,tome",
-    backends: Annotated[str, typer.Option("--backends", help="Comma-separated: torch, onnxruntime (GPU: onnxruntime-cuda, tensorrt).")] = "onnxruntime",
+    backends: Annotated[str, typer.Option(
+        "--backends", help="Comma-separated: torch, onnxruntime (GPU: onnxruntime-cuda, tensorrt).")] = "onnxruntime",
     batch_sizes: Annotated[str, typer.Option("--batch-sizes", help="Comma-separated batch sizes.")] = "1,8,32",
     warmup: Annotated[int, typer.Option("--warmup")] = 3,
     iters: Annotated[int, typer.Option("--iters", help="Timed interleaved iterations (>= 20 recommended).")] = 20,

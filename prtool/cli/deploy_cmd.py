@@ -104,17 +104,27 @@ def _print_dry_run(r: dict, src: Path) -> None:
 
 def validate(
     artifact: Annotated[Path, typer.Argument(help="An engine (.plan/.engine, run on TensorRT) or an .onnx file.")],
-    provider: Annotated[str, typer.Option("--provider", help="For .onnx: cpu, cuda or tensorrt (onnxruntime execution provider).")] = "cpu",
-    precision: Annotated[str | None, typer.Option("--precision", help="For .onnx: fp32, or fp16 with --provider tensorrt. Engines use their manifest's.")] = None,
+    provider: Annotated[str, typer.Option(
+        "--provider", help="For .onnx: cpu, cuda or tensorrt (onnxruntime execution provider).")] = "cpu",
+    precision: Annotated[str | None, typer.Option("--precision",
+                                                  help="For .onnx: fp32, or fp16 with --provider tensorrt. Engines "
+                                                       "use their manifest's.")] = None,
     pretrained: o.Pretrained = None,
     predictor: o.PredictorPath = None,
-    tokens: Annotated[Path | None, typer.Option("--tokens", help="The tokens an export baked in, if not at the path its manifest records.")] = None,
-    images: Annotated[Path | None, typer.Option("--images", help="Folder of real images (default: shipped testbed eval images).")] = None,
+    tokens: Annotated[Path | None, typer.Option("--tokens",
+                                                help="The tokens an export baked in, if not at the path its manifest "
+                                                     "records.")] = None,
+    images: Annotated[Path | None, typer.Option(
+        "--images", help="Folder of real images (default: shipped testbed eval images).")] = None,
     batch_size: o.BatchSize = 7,
-    atol: Annotated[float | None, typer.Option("--atol", help="Override the precision preset's absolute tolerance.")] = None,
-    rtol: Annotated[float | None, typer.Option("--rtol", help="Override the precision preset's relative tolerance.")] = None,
-    min_cosine: Annotated[float | None, typer.Option("--min-cosine", help="Override the preset's minimum cosine per image.")] = None,
-    allow_failed_validation: Annotated[bool, typer.Option("--allow-failed-validation", help="Exit 0 even if validation fails.")] = False,
+    atol: Annotated[float | None, typer.Option("--atol",
+                                               help="Override the precision preset's absolute tolerance.")] = None,
+    rtol: Annotated[float | None, typer.Option("--rtol",
+                                               help="Override the precision preset's relative tolerance.")] = None,
+    min_cosine: Annotated[float | None, typer.Option("--min-cosine",
+                                                     help="Override the preset's minimum cosine per image.")] = None,
+    allow_failed_validation: Annotated[bool, typer.Option("--allow-failed-validation",
+                                                          help="Exit 0 even if validation fails.")] = False,
     as_json: o.Json = False,
     quiet: o.Quiet = False,
     verbose: o.Verbose = False,
@@ -131,7 +141,8 @@ def validate(
     report = result["validation"]
 
     def human(r):
-        print_checks(report["checks"], f"{r['artifact']} on {r['backend']} vs PyTorch ({r['weights']}, {report['images']})")
+        print_checks(report["checks"],
+                     f"{r['artifact']} on {r['backend']} vs PyTorch ({r['weights']}, {report['images']})")
         print(f"{'passed' if r['passed'] else 'FAILED'} ({r['precision']} tolerances: {report['tolerances']})")
 
     if as_json or not quiet:
@@ -143,8 +154,12 @@ def validate(
 def package(
     artifacts: Annotated[list[Path], typer.Argument(help="An .onnx and/or an engine (.plan), each with its manifest.")],
     triton: Annotated[Path, typer.Option("--triton", help="Triton model repository folder to write into.")],
-    name: Annotated[str | None, typer.Option("--name", help="Model name (default: the file stem; _onnx/_trt appended when both are given).")] = None,
-    max_batch: Annotated[int | None, typer.Option("--max-batch", help="max_batch_size (default: the engine's profile max, or 32 for ONNX).")] = None,
+    name: Annotated[str | None, typer.Option("--name",
+                                             help="Model name (default: the file stem; _onnx/_trt appended when both "
+                                                  "are given).")] = None,
+    max_batch: Annotated[int | None, typer.Option("--max-batch",
+                                                  help="max_batch_size (default: the engine's profile max, or 32 for "
+                                                       "ONNX).")] = None,
     as_json: o.Json = False,
     quiet: o.Quiet = False,
     verbose: o.Verbose = False,
@@ -160,12 +175,14 @@ def package(
             print(m["path"])
         return
     emit({"repository": str(triton), "models": models}, as_json, lambda r: table(
-        f"Triton repository {r['repository']}", ["model", "platform", "max batch", "tensor", "dtype", "dims (no batch)"],
+        f"Triton repository {r['repository']}", ["model", "platform", "max batch", "tensor", "dtype",
+                                                 "dims (no batch)"],
         [row for m in r["models"] for row in _tensor_rows(m)]))
 
 
 def _tensor_rows(m: dict) -> list[tuple]:
     """One row per input/output tensor; the model's own columns on its first row only."""
-    tensors = [(f"in: {n}", d, dims) for n, d, dims in m["inputs"]] + [(f"out: {n}", d, dims) for n, d, dims in m["outputs"]]
+    tensors = [(f"in: {n}", d, dims) for n, d, dims in m["inputs"]] + [(f"out: {n}", d, dims) for n, d,
+                                                                       dims in m["outputs"]]
     return [((m["name"], m["platform"], m["max_batch_size"]) if i == 0 else ("", "", "")) + (n, d, str(list(dims)))
             for i, (n, d, dims) in enumerate(tensors)]

@@ -134,14 +134,15 @@ def inspect(
               ["io", "name", "dtype", "shape"],
               [("in", v["name"], v["dtype"], v["shape"]) for v in i["inputs"]]
               + [("out", v["name"], v["dtype"], v["shape"]) for v in i["outputs"]])
-        table("TopK nodes", ["name", "K", "constant", "sorted"], [(t["name"], t["k"], t["constant_k"], t["sorted"]) for t in i["topk"]])
+        table("TopK nodes", ["name", "K", "constant", "sorted"],
+              [(t["name"], t["k"], t["constant_k"], t["sorted"]) for t in i["topk"]])
         table("ops", ["op", "count"], list(i["op_histogram"].items()))
         r = i["tensorrt_readiness"]
         print_checks(r["checks"], f"TensorRT 10 readiness: {r['verdict']} (checked without TensorRT)")
         m = i["manifest"]
         if m:
-            print(f"manifest: source {m['source']}, schedule {m['schedule']['string'] or 'none'}, scorer {m.get('scorer')}, "
-                  f"preprocess {m['preprocess']['image_size']} mean {m['preprocess']['mean']}")
+            print(f"manifest: source {m['source']}, schedule {m['schedule']['string'] or 'none'}, scorer "
+                  f"{m.get('scorer')}, preprocess {m['preprocess']['image_size']} mean {m['preprocess']['mean']}")
             if m.get("quantization"):
                 from prtool.export.quantize import describe
 

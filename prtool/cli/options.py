@@ -9,7 +9,8 @@ import typer
 
 from prtool.encoder.methods import help_names
 
-Model = Annotated[str, typer.Option("--model", "-m", help="open_clip architecture (ViT-B-16, ViT-B-32, ViT-L-14, ...) or 'testbed'.")]
+Model = Annotated[str, typer.Option("--model", "-m",
+                                    help="open_clip architecture (ViT-B-16, ViT-B-32, ViT-L-14, ...) or 'testbed'.")]
 Pretrained = Annotated[str | None, typer.Option(
     "--pretrained", "-p",
     help="open_clip pretrained tag, a local checkpoint (.safetensors or torch state_dict), or 'none' (random). "
@@ -21,11 +22,16 @@ KeepRatio = Annotated[float | None, typer.Option("--keep-ratio",
                                                  help="Derive a schedule keeping this fraction of patches (with "
                                                       "--stages).")]
 Stages = Annotated[int, typer.Option("--stages", help="Number of stages for --keep-ratio.")]
-FirstBlock = Annotated[int | None, typer.Option("--first-block", help="First stage block for --keep-ratio (default: about a third of the depth).")]
+FirstBlock = Annotated[int | None, typer.Option("--first-block",
+                                                help="First stage block for --keep-ratio (default: about a third of "
+                                                     "the depth).")]
 Scorer = Annotated[str, typer.Option("--scorer", help=f"The method (what the encoder does with the patches; "
                                      f"prtool.encoder.methods): {help_names('encoder')}.")]
-PredictorPath = Annotated[Path | None, typer.Option("--predictor", help="Trained predictor (.safetensors from `prtool train`).")]
-Data = Annotated[str, typer.Option("--data", "-d", help="'testbed', 'testbed-sketch' (the same items as line drawings), a class-folder directory, a .csv manifest or a CoOp split .json.")]
+PredictorPath = Annotated[Path | None, typer.Option("--predictor",
+                                                    help="Trained predictor (.safetensors from `prtool train`).")]
+Data = Annotated[str, typer.Option("--data", "-d",
+                                   help="'testbed', 'testbed-sketch' (the same items as line drawings), a "
+                                        "class-folder directory, a .csv manifest or a CoOp split .json.")]
 Split = Annotated[str, typer.Option("--split", help="train, val or test.")]
 ImageRoot = Annotated[Path | None, typer.Option("--image-root",
                                                 help="Root folder for relative image paths in .csv/.json datasets.")]

@@ -106,4 +106,5 @@ def export_text(
     loaded = load_clip(model, pretrained)
     with failed_validation_shown(as_json):
         result = run(loaded, out, tokens, opset=opset, allow_other_weights=allow_other_weights)
-    emit(result, as_json, lambda r: print(f"wrote {r['onnx']} (n_ctx {r['n_ctx']}, max abs diff vs PyTorch {r['max_abs']:.1e})"))
+    emit(result, as_json,
+         lambda r: print(f"wrote {r['onnx']} (n_ctx {r['n_ctx']}, max abs diff vs PyTorch {r['max_abs']:.1e})"))

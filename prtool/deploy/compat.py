@@ -254,7 +254,8 @@ def run_compat(loaded, schedule, variants=VARIANTS, runtimes=RUNTIMES, batch: in
             rows.append(row)
             with torch.no_grad():
                 reference = encoder(torch.from_numpy(pixels)).numpy()
-            cells[variant.name] = {r: _run_cell(r, versions[r], path, reference, pixels, work, timeout) for r in runtimes}
+            cells[variant.name] = {r: _run_cell(r, versions[r], path, reference, pixels, work,
+                                                timeout) for r in runtimes}
     tol = Tolerances()
     return {"command": command, "model": loaded.model_id, "schedule": schedule.to_string(), "keep": list(schedule.keep),
             "scorer": "predictor (untrained, seeded; weights saved and shared with the PyTorch reference)",

@@ -1,4 +1,5 @@
-"""Assemble a ``PrunedVisionTransformer`` from user-level choices (model, schedule, method: ``prtool.encoder.methods``)."""
+"""Assemble a ``PrunedVisionTransformer`` from user-level choices (model, schedule, method:
+``prtool.encoder.methods``)."""
 
 from __future__ import annotations
 
@@ -110,8 +111,8 @@ def make_scorer(loaded: LoadedModel, spec: EncoderSpec) -> tuple[PatchScorer | N
     return ranker.scorer_class().from_spec(loaded, spec)
 
 
-def build_pruned_encoder(loaded: LoadedModel, spec: EncoderSpec, normalize: bool = True,
-                         return_indices: bool = False, visual_prompts=None) -> tuple[PrunedVisionTransformer, dict | None]:
+def build_pruned_encoder(loaded: LoadedModel, spec: EncoderSpec, normalize: bool = True, return_indices: bool = False,
+                         visual_prompts=None) -> tuple[PrunedVisionTransformer, dict | None]:
     """The encoder of ``spec``'s method (``METHODS``); ``encoder.method`` is its table entry (its FLOPs rule)."""
     method = METHODS["none"] if spec.schedule.is_empty else get_method(spec.scorer)
     scorer, meta = make_scorer(loaded, spec)

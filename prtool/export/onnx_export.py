@@ -113,7 +113,8 @@ def trace_to_onnx(encoder: torch.nn.Module, example: torch.Tensor, path: Path, o
     for value, shape in zip(list(model.graph.input) + list(model.graph.output), declared):
         dims = value.type.tensor_type.shape.dim
         if not dims[0].dim_param:
-            raise PrtoolError(f"the {exporter} exporter fixed the batch axis of {value.name}: this is a bug, please report it")
+            raise PrtoolError(f"the {exporter} exporter fixed the batch axis of {value.name}: this is a bug, please "
+                              "report it")
         dims[0].dim_param = BATCH_AXIS
         for dim, size in zip(list(dims)[1:], shape[1:]):  # the contract: every other axis is static
             dim.Clear()
