@@ -17,7 +17,7 @@ from test_deploy import one_line_error, vit_b16_like
 import prtool.deploy.trt as trt_mod
 from prtool.deploy.build_config import resolve_build_config
 from prtool.errors import MissingDependencyError, PrtoolError
-from prtool.runtime.session import trt_version as tv
+from prtool.runtime import trt_version as tv
 from prtool.runtime.trt_version import trtexec_command
 from prtool.util.recipes import tomllib
 
