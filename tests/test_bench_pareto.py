@@ -54,3 +54,37 @@ def test_pareto_refusals(capsys, tmp_path):
     assert code != 0 and "patch-ranking-merge" in err and "Traceback" not in err
     code, _, err = cli(capsys, "bench", "pareto", "--combine", tmp_path / "missing.json", "-o", tmp_path)
     assert code != 0 and "cannot read pareto report" in err
+
+
+def test_pareto_takes_quantized_rows(capsys, tmp_path):
+    import onnx
+
+    methods = "none,none+int8-dynamic,patch-ranking-merge,patch-ranking-merge+int8-dynamic"
+    code, out, err = cli(capsys, "bench", "pareto", "-m", "testbed", "-p", "none", "--limit", "8", "--budgets", "4x118",
+                         "--methods", methods, "--batch", "2", "--iters", "2", "--warmup", "1", "-o", tmp_path / "p",
+                         "--json", "-q")
+    assert code == 0, err
+    by = {r["method"]: r for r in json.loads(out)["rows"]}
+    q, fp32 = by["patch-ranking-merge+int8-dynamic"], by["patch-ranking-merge"]
+    assert q["schedule"] == fp32["schedule"] and q["accuracy_backend"] == "onnxruntime" and q["speedup"] > 0
+
+    def ops(row):
+        return {n.op_type for n in onnx.load(row["onnx"]).graph.node}
+
+    assert "DynamicQuantizeLinear" in ops(q) and "DynamicQuantizeLinear" not in ops(fp32)
+    assert "TopK" in ops(q)  # the ranking path is kept, exact
+    unpruned_q = by["none+int8-dynamic"]
+    assert unpruned_q["schedule"] == "none" and unpruned_q["gflops"] == by["none"]["gflops"]
+    assert "DynamicQuantizeLinear" in ops(unpruned_q)
+
+
+@pytest.mark.parametrize("methods, fragment", [
+    ("none,random-merge+int8-dynamic", "cannot be exported"),
+    ("none,patch-ranking-merge+int8-qdq", "--calib-data"),
+    ("none,patch-ranking-merge+int4", "unknown quantization"),
+])
+def test_pareto_refuses_quantized_rows_it_cannot_build(capsys, tmp_path, methods, fragment):
+    code, _, err = cli(capsys, "bench", "pareto", "-m", "testbed", "-p", "none", "--limit", "2", "--methods", methods,
+                       "-o", tmp_path / "p")
+    assert code != 0 and fragment in err and "Traceback" not in err, err
+    assert not (tmp_path / "p" / "pareto.json").exists()

@@ -1,5 +1,9 @@
 """``prtool bench pareto``: every method over a grid of budgets, top-1 against measured speedup.
 
+A method may carry a quantization, ``NAME+MODE`` (``patch-ranking-merge+int8-dynamic``; modes of
+``prtool.export.quantize``): its export is quantized from the FP32 export of the same budget, and its row is
+scored and timed from that graph like any other.
+
 Each (method, budget) is exported to ONNX once; its top-1 is scored from that export in
 onnxruntime (methods that cannot be exported, ``random-merge`` and ``golden-merge``, are scored in
 PyTorch and timed by the ``patch-ranking-merge`` export of the same budget, whose graph differs
@@ -51,27 +55,40 @@ def parse_budgets(loaded, text: str, first_block: int | None = None) -> list[Sch
     return out
 
 
+def _method(name: str):
+    """The table entry of a row name: ``NAME`` or a quantized ``NAME+MODE``."""
+    return get_method(name.partition("+")[0], "pareto")
+
+
 def _specs(methods: list[str], schedules: list[Schedule], loaded, predictor: Path | None,
            designs: dict[str, dict] | None = None) -> dict:
     """``(label, schedule) -> EncoderSpec``; each of ``designs`` adds a ``patch-ranking-merge[name]`` row."""
     specs = {("none", "none"): method_spec(METHODS["none"], schedules[0])}
     for sched in schedules:
         for m in methods:
-            if get_method(m, "pareto").name != "none":
-                specs[(m, sched.to_string())] = method_spec(get_method(m, "pareto"), sched, predictor)
+            if _method(m).name != "none":
+                specs[(m, sched.to_string())] = method_spec(_method(m), sched, predictor)
+            elif "+" in m:  # the unpruned model quantized: one row, like the unpruned one
+                specs[(m, "none")] = method_spec(_method(m), sched)
         for name, design in (designs or {}).items():
             specs[(f"patch-ranking-merge[{name}]", sched.to_string())] = EncoderSpec(
                 sched, "patch-ranking-merge", predictor, merge=design)
     return specs
 
 
-def _check_methods(methods: list[str], rankings: Path | None) -> dict[str, str]:
+def _check_methods(methods: list[str], rankings: Path | None, calib: dict | None = None) -> dict[str, str]:
     """``{name: the method whose export times it}`` for the methods that cannot be exported, after checking
     every name, what each needs, and that each timing twin is among ``methods``."""
-    given = {get_method(m, "pareto").name for m in methods}
+    from prtool.bench.quantize_bench import check_variants
+
+    check_variants(methods, ["onnxruntime"], calib)
+    given = {get_method(m, "pareto").name for m in methods if "+" not in m}
     timed_by = {}
     for m in methods:
-        method = get_method(m, "pareto")
+        method = _method(m)
+        if "+" in m and not method.exportable:
+            raise PrtoolError(f"{m}: {method.name} cannot be exported, so it has no quantized export; "
+                              f"quantize an exported method (e.g. patch-ranking-merge+{m.partition('+')[2]})")
         if method.needs == "rankings" and rankings is None:
             raise PrtoolError(f"method {m} needs --rankings DIR (rankings of the evaluated split)")
         if method.timed_by is not None and not method.exportable:
@@ -84,8 +101,10 @@ def _check_methods(methods: list[str], rankings: Path | None) -> dict[str, str]:
 
 def bench_pareto(loaded, dataset, schedules: list[Schedule], methods: list[str], predictor: Path | None = None,
                  rankings: Path | None = None, seeds: list[int] = (0,), batch: int = 32, warmup: int = 3,
-                 iters: int = 20, workdir: Path | None = None, designs: dict[str, dict] | None = None) -> dict:
-    timed_by = _check_methods(methods, rankings)
+                 iters: int = 20, workdir: Path | None = None, designs: dict[str, dict] | None = None,
+                 calib: dict | None = None) -> dict:
+    """``calib`` (``{"data", "images", "seed"}``) calibrates the ``NAME+int8-qdq`` rows."""
+    timed_by = _check_methods(methods, rankings, calib)
     workdir = Path(workdir or tempfile.mkdtemp(prefix="prtool-pareto-"))
     class_emb = text_classifier(loaded, dataset)
     specs, rows, hits, sessions = _specs(methods, schedules, loaded, predictor, designs), [], {}, {}
@@ -101,9 +120,7 @@ def bench_pareto(loaded, dataset, schedules: list[Schedule], methods: list[str],
                                          rankings=rankings)
             row.update(accuracy_backend="torch", seeds=list(seeds), timed_by=timed_by[method])
         else:
-            path = workdir / re.sub(r"[^A-Za-z0-9_.-]", "_", f"{method}-{sched_text}.onnx")
-            log.info("exporting %s at %s", method, sched_text)
-            path = export_onnx(loaded, spec, path, ExportOptions(validate=False)).onnx_path
+            path = _export_row(loaded, spec, method, sched_text, workdir, calib)
             evaluate_zero_shot(loaded, dataset, spec, onnx_path=path, class_emb=class_emb,
                                      compare_unpruned=False, hits_out=per_seed)
             row.update(accuracy_backend="onnxruntime", onnx=str(path))
@@ -116,6 +133,18 @@ def bench_pareto(loaded, dataset, schedules: list[Schedule], methods: list[str],
     return {"model": loaded.model_id, "dataset": dataset.name, "split": dataset.split, "images": len(dataset),
             "backend": "onnxruntime CPU", "batch": batch, "threads": torch.get_num_threads(), "warmup": warmup,
             "iters": iters, "rows": rows, "front": pareto_front(rows)}
+
+
+def _export_row(loaded, spec, method: str, sched_text: str, workdir: Path, calib: dict | None) -> Path:
+    """The unvalidated export a row is scored and timed from (quantized for ``NAME+MODE``)."""
+    from prtool.bench.quantize_bench import export_variant
+
+    stem = re.sub(r"[^A-Za-z0-9_.+-]", "_", f"{sched_text}-{method}")  # ...-NAME+MODE: the mode ends the name
+    log.info("exporting %s at %s", method, sched_text)
+    if "+" in method:
+        workdir.mkdir(parents=True, exist_ok=True)
+        return export_variant(loaded, spec, stem, workdir, calib)
+    return export_onnx(loaded, spec, workdir / f"{stem}.onnx", ExportOptions(validate=False)).onnx_path
 
 
 def time_exports(paths: dict, loaded, batch: int, warmup: int, iters: int) -> dict:

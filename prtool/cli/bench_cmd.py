@@ -223,7 +223,8 @@ def pareto(
     budgets: Annotated[str, typer.Option("--budgets", help="Comma-separated STAGESxKEEP (patches kept, or a % "
                                          "of them).")] = "4x136,4x118,4x96,4x76,4x56,1x60%,1x50%",
     first_block: o.FirstBlock = None,
-    methods: Annotated[str, typer.Option("--methods", help=f"Comma-separated: {help_names('pareto')}.")
+    methods: Annotated[str, typer.Option("--methods", help=f"Comma-separated: {help_names('pareto')}; "
+                                         "NAME+int8-dynamic|int8-qdq|fp16 adds that method's quantized export.")
                        ] = "none,patch-ranking,patch-ranking-merge,tome,evit,random-merge",
     predictor: o.PredictorPath = None,
     rankings: Annotated[Path | None, typer.Option("--rankings", "-r", help="Rankings store of the evaluated "
@@ -236,6 +237,9 @@ def pareto(
     combine: Annotated[str | None, typer.Option("--combine",
                                                 help="Comma-separated pareto.json files of earlier runs (e.g. one per "
                                                      "budget): report them as one, measuring nothing.")] = None,
+    calib_data: Annotated[str | None, typer.Option("--calib-data", help="Dataset calibrating NAME+int8-qdq "
+                                                   "methods.")] = None,
+    calib_images: Annotated[int, typer.Option("--calib-images", help="Calibration images (int8-qdq).")] = 64,
     as_json: o.Json = False,
     quiet: o.Quiet = False,
     verbose: o.Verbose = False,
@@ -262,7 +266,7 @@ def pareto(
         out.mkdir(parents=True, exist_ok=True)
         result = bp.bench_pareto(loaded, dataset, scheds, [m.strip() for m in methods.split(",") if m.strip()],
                               predictor, rankings, [int(s) for s in seeds.split(",")], batch, warmup, iters,
-                              workdir=out / "onnx")
+                              workdir=out / "onnx", calib={"data": calib_data, "images": calib_images, "seed": 0})
         result["environment"] = collect_env()
         result.update(dataset_note(dataset))
     write_report(out, "pareto", result, bp.markdown_table(result), bp.plot_pareto)
