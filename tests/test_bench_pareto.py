@@ -87,4 +87,4 @@ def test_pareto_refuses_quantized_rows_it_cannot_build(capsys, tmp_path, methods
     code, _, err = cli(capsys, "bench", "pareto", "-m", "testbed", "-p", "none", "--limit", "2", "--methods", methods,
                        "-o", tmp_path / "p")
     assert code != 0 and fragment in err and "Traceback" not in err, err
-    assert not (tmp_path / "p" / "pareto.json").exists()
+    assert not (tmp_path / "p").exists()  # nothing written, not even the folder

@@ -263,7 +263,6 @@ def pareto(
         scheds = bp.parse_budgets(loaded, budgets, first_block)
         if predictor is None:  # the shipped testbed predictor for the shipped checkpoint, else untrained (said)
             predictor = resolve_predictor(loaded, scheds[0], "predictor", None)
-        out.mkdir(parents=True, exist_ok=True)
         result = bp.bench_pareto(loaded, dataset, scheds, [m.strip() for m in methods.split(",") if m.strip()],
                               predictor, rankings, [int(s) for s in seeds.split(",")], batch, warmup, iters,
                               workdir=out / "onnx", calib={"data": calib_data, "images": calib_images, "seed": 0})
