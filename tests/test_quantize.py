@@ -209,3 +209,19 @@ def test_static_batch_rule_fails_a_batch_coupled_graph(exported, checkpoint, qua
     report = validate_quantized(quantized["int8-dynamic"], encoder, "int8-qdq", preprocess=loaded.preprocess)
     row = next(c for c in report.checks if c["check"] == "per-sample batch independence")
     assert not row["passed"], row
+
+
+def test_validate_checks_a_quantized_export_with_its_preset(qdq_export, checkpoint, capsys):
+    """`prtool validate` on a quantized export: the mode's own preset (as its export validated it), not the FP32 one
+    it cannot meet; FP32 tolerance flags are refused, not silently ignored."""
+    from conftest import cli
+
+    _, _, res = qdq_export
+    code, out, err = cli(capsys, "validate", res.onnx_path, "-p", checkpoint, "--json")
+    assert code == 0, err
+    result = json.loads(out)
+    assert result["precision"] == "int8-qdq (quantized)" and result["passed"]
+    assert result["validation"]["tolerances"]["min_kept_agreement"] == 0.90  # the quantized preset's fields
+    assert any(c["check"].startswith("kept_patch_indices vs FP32 PyTorch") for c in result["validation"]["checks"])
+    code, _, err = cli(capsys, "validate", res.onnx_path, "-p", checkpoint, "--atol", "0.1")
+    assert code == 1 and "quantized export (int8-qdq)" in err and "Traceback" not in err

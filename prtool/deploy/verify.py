@@ -72,15 +72,34 @@ def validate_artifact(path: Path, provider: str = "cpu", precision: str | None =
     if hi is not None:
         batch_size = min(batch_size, hi)
     rebuilt = rebuild_encoder(manifest, pretrained, predictor, tokens)
-    tol = replace(PRECISION_TOLERANCES[precision], **(tolerance_overrides or {}))
-    pixels, source = validation_images(images, rebuilt.loaded.preprocess, batch_size)
-    report = ValidationReport(images=source)
-    if path.suffix == ".onnx":  # an engine's graph was checked when its ONNX was exported and built
-        check_graph(report, path, rebuilt.encoder.expected_topk_nodes)
-    compare(runner, TorchRunner(rebuilt.encoder, rebuilt.output_names), pixels, tol, batch_one=lo <= 1, report=report)
+    quantized = (manifest.get("quantization") or {}).get("mode") if path.suffix == ".onnx" else None
+    if quantized:
+        precision = f"{quantized} (quantized)"
+        report = _validate_quantized(path, rebuilt, quantized, images, batch_size, tolerance_overrides)
+    else:
+        tol = replace(PRECISION_TOLERANCES[precision], **(tolerance_overrides or {}))
+        pixels, source = validation_images(images, rebuilt.loaded.preprocess, batch_size)
+        report = ValidationReport(images=source)
+        if path.suffix == ".onnx":  # an engine's graph was checked when its ONNX was exported and built
+            check_graph(report, path, rebuilt.encoder.expected_topk_nodes)
+        compare(runner, TorchRunner(rebuilt.encoder, rebuilt.output_names), pixels, tol, batch_one=lo <= 1,
+                report=report)
     result = {"artifact": str(path), "backend": backend, "precision": precision, "weights": rebuilt.weights,
               "schedule": manifest["schedule"]["string"] or "none", "passed": report.passed,
               "validation": report.to_dict()}
     if not allow_failed:
         report.raise_if_failed(str(path), "--allow-failed-validation to exit 0", result)
     return result
+
+
+def _validate_quantized(path: Path, rebuilt, mode: str, images, batch_size: int, overrides: dict | None):
+    """A quantized export (its manifest records the mode) against the FP32 PyTorch encoder, under the mode's
+    own preset (``prtool.export.quantize_check``), as its export validated it."""
+    from prtool.export.quantize_check import validate_quantized
+
+    if overrides:
+        raise PrtoolError(f"{path} is a quantized export ({mode}): it is checked with its own preset "
+                          "(cosine, top-1 and kept-set agreement); --atol/--rtol/--min-cosine apply to FP32/FP16 "
+                          "artifacts: drop them")
+    return validate_quantized(path, rebuilt.encoder, mode, images, batch_size, rebuilt.encoder.expected_topk_nodes,
+                              rebuilt.loaded.preprocess)

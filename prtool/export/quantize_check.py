@@ -9,7 +9,7 @@ agreement, and per-sample batch independence.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -150,7 +150,7 @@ def validate_quantized(path: Path, encoder, mode: str, images: Path | None = Non
     if batch_size < 2:
         raise PrtoolError("validation needs --batch-size >= 2 to check batching")
     tol = tolerances or PRESETS[mode]
-    report = ValidationReport()
+    report = ValidationReport(tolerances=tol)
     check_graph(report, path, expected_topk)
     pixels, report.images = validation_images(images, preprocess or {}, batch_size)
     pixels = pixels.float().contiguous()
@@ -174,5 +174,4 @@ def validate_quantized(path: Path, encoder, mode: str, images: Path | None = Non
                f"max abs {b['max_abs']:.2e}, min cos {b['min_cosine']:.6f}, kept-set changes {b['kept_set_changes']} "
                f"(min agreement {b['min_kept_agreement']:.4f})"
                + ("" if static else "; dynamic INT8 scales follow the batch: bounded, not exact"))
-    report.metrics["quant_tolerances"] = asdict(tol)
     return report

@@ -20,7 +20,7 @@ through :meth:`ValidationReport.raise_if_failed`, the one place its message is w
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Protocol
 
@@ -82,7 +82,7 @@ class ValidationReport:
     checks: list[dict] = field(default_factory=list)
     metrics: dict = field(default_factory=dict)
     images: str = ""
-    tolerances: Tolerances = field(default_factory=Tolerances)
+    tolerances: Tolerances = field(default_factory=Tolerances)  # or the preset of a quantized check (a dataclass)
 
     def add(self, name: str, passed: bool, detail: str, fix: str = "") -> None:
         self.checks.append({"check": name, "passed": bool(passed), "detail": detail, "fix": fix})
@@ -95,9 +95,8 @@ class ValidationReport:
         return "; ".join(f"{c['check']}: {c['detail']}" for c in self.checks if not c["passed"])
 
     def to_dict(self) -> dict:
-        t = self.tolerances
         return {"passed": self.passed, "images": self.images, "checks": self.checks, "metrics": self.metrics,
-                "tolerances": {"atol": t.atol, "rtol": t.rtol, "min_cosine": t.min_cosine, "tie_eps": t.tie_eps}}
+                "tolerances": asdict(self.tolerances)}
 
     def raise_if_failed(self, subject: str, allow: str, result: dict | None = None) -> None:
         """Raise the one-line :class:`ValidationError` for a failed report: the failed checks, the fix, and
