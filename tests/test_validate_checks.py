@@ -65,6 +65,8 @@ def test_kept_sets_agree_up_to_ties_only():
     m = compare_kept(got, ref, None, 1e-5)
     assert m == {"mean_set_agreement": pytest.approx(5 / 6), "min_set_agreement": pytest.approx(2 / 3),
                  "untied_differences": 2}
+    # without scores every difference is untied, summed over the rows (here 2 + 2, not the last row's 2)
+    assert compare_kept(np.array([[0, 1], [0, 1]]), np.array([[0, 2], [0, 3]]), None, 1e-5)["untied_differences"] == 4
     tied = np.zeros((2, 8))
     tied[0, :4] = [9.0, 8.0, 5.0, 5.0]  # patches 2 and 3 tie at the boundary (3rd highest score)
     tied[1, 3:6] = [7.0, 6.0, 5.0]
