@@ -31,7 +31,6 @@ from prtool.encoder.methods import METHODS, get_method
 from prtool.encoder.schedule import Schedule
 from prtool.errors import PrtoolError
 from prtool.export.io_names import PIXELS
-from prtool.export.onnx_export import ExportOptions, export_onnx
 from prtool.util.stats import paired_difference
 from prtool.util.timing import interleaved_latency
 
@@ -136,15 +135,13 @@ def bench_pareto(loaded, dataset, schedules: list[Schedule], methods: list[str],
 
 
 def _export_row(loaded, spec, method: str, sched_text: str, workdir: Path, calib: dict | None) -> Path:
-    """The unvalidated export a row is scored and timed from (quantized for ``NAME+MODE``)."""
+    """The unvalidated export a row is scored and timed from (quantized for ``NAME+MODE``): ``bench speed``'s
+    :func:`~prtool.bench.quantize_bench.export_variant`."""
     from prtool.bench.quantize_bench import export_variant
 
     stem = re.sub(r"[^A-Za-z0-9_.+-]", "_", f"{sched_text}-{method}")  # ...-NAME+MODE: the mode ends the name
     log.info("exporting %s at %s", method, sched_text)
-    if "+" in method:
-        workdir.mkdir(parents=True, exist_ok=True)
-        return export_variant(loaded, spec, stem, workdir, calib)
-    return export_onnx(loaded, spec, workdir / f"{stem}.onnx", ExportOptions(validate=False)).onnx_path
+    return export_variant(loaded, spec, stem, workdir, calib)
 
 
 def time_exports(paths: dict, loaded, batch: int, warmup: int, iters: int) -> dict:

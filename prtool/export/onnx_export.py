@@ -177,7 +177,13 @@ def _validate_export(path: Path, encoder, names: list[str], spec: EncoderSpec, o
                            tolerances=options.tolerances, expected_topk=encoder.expected_topk_nodes,
                            preprocess=preprocess)
     if not options.allow_failed_validation:
-        result = {"onnx": None, "manifest": None, "schedule": spec.schedule.to_string() or "none",
-                  "keep": list(spec.schedule.keep), "passed": False, "validation": report.to_dict()}
-        report.raise_if_failed("the export", "pass --allow-failed-validation to keep the files anyway", result)
+        refuse_failed_export(report, spec, "the export")
     return report
+
+
+def refuse_failed_export(report: ValidationReport, spec: EncoderSpec, subject: str) -> None:
+    """Raise a failed export validation's one-line error, carrying what ``prtool export --json`` prints
+    (nothing was written); a passed report returns."""
+    result = {"onnx": None, "manifest": None, "schedule": spec.schedule.to_string() or "none",
+              "keep": list(spec.schedule.keep), "passed": False, "validation": report.to_dict()}
+    report.raise_if_failed(subject, "pass --allow-failed-validation to keep the files anyway", result)

@@ -207,7 +207,7 @@ def export_quantized(loaded, spec, out: Path, options, qopts: QuantizeOptions, *
     import shutil
 
     from prtool.export.artifacts import staged_outputs
-    from prtool.export.onnx_export import ExportResult, export_onnx
+    from prtool.export.onnx_export import ExportResult, export_onnx, refuse_failed_export
     from prtool.export.quantize_check import validate_quantized
     from prtool.util.files import sha256_file, write_json_atomic
 
@@ -226,10 +226,7 @@ def export_quantized(loaded, spec, out: Path, options, qopts: QuantizeOptions, *
             report = validate_quantized(tmp_q, fp32.encoder, qopts.mode, options.images, options.batch_size,
                                         getattr(fp32.encoder, "expected_topk_nodes", None), loaded.preprocess)
             if not options.allow_failed_validation:
-                result = {"onnx": None, "manifest": None, "schedule": spec.schedule.to_string() or "none",
-                          "keep": list(spec.schedule.keep), "passed": False, "validation": report.to_dict()}
-                report.raise_if_failed(f"the {qopts.mode} export",
-                                       "pass --allow-failed-validation to keep the files anyway", result)
+                refuse_failed_export(report, spec, f"the {qopts.mode} export")
         manifest = {**fp32.manifest, "quantization": record, "onnx_sha256": sha256_file(tmp_q),
                     "onnx_file": out.name, "fp32_validation": fp32.manifest["validation"],
                     "validation": report.to_dict() if report is not None else None}
