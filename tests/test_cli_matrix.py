@@ -52,7 +52,7 @@ def _commands():
                                     "-s", "1:16", "-o", o / "a.safetensors"]),  # A-ViT (#23)
         ("avit-tokens", lambda a, o: ["avit-tokens", "--limit", "2"]),  # the testbed's shipped A-ViT weights
         ("plan", lambda a, o: ["plan", *TINY, "-d", "testbed", "--speedup", "1.01", "--methods", "evit",
-                               "--stages", "1", "--keep-ratios", "0.3", "--margin", "0.5", "--calib-limit", "4",
+                               "--stages", "1", "--keep-ratios", "0.3", "--safety", "0", "--calib-limit", "4",
                                "--batch", "16", "--warmup", "1", "--iters", "3", "-o", o / "pl"]),
     ]
 

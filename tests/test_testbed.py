@@ -70,6 +70,16 @@ def test_shipped_packs_render_to_their_recorded_bytes():
     assert np.bincount(labels).tolist() == [200] * 10
     train, train_labels = load_split_canvases("train")
     assert len(train) == 3000 and np.bincount(train_labels).tolist() == [300] * 10
+    val, val_labels = load_split_canvases("val")
+    assert len(val) == 3000 and np.bincount(val_labels).tolist() == [300] * 10
+
+
+def test_the_val_split_is_held_out_from_the_eval_split():
+    """val calibrates choices (``prtool plan``) whose figures are then reported on test: no item in both."""
+    with np.load(PACKS["val"][0]) as val, np.load(PACKS["test"][0]) as test:
+        assert PACKS["val"][1] == PACKS["test"][1] == "test"  # both drawn from Fashion-MNIST's test items
+        assert len(np.intersect1d(val["source_indices"], test["source_indices"])) == 0
+        assert len(np.unique(val["source_indices"])) == 3000
 
 
 def test_packs_are_reproducible_from_the_idx_files(tmp_path):

@@ -2,8 +2,9 @@
 
 The space is methods x schedules: the number of stages, the block of the first stage and the tokens
 removed in total (split evenly over evenly spaced stages, as ``--keep-ratio``/``--stages`` do).
-The analytic FLOP model (:func:`prtool.encoder.flops.encoder_cost`) keeps the candidates whose ideal speedup
-lies near the budget; only those are exported and measured.
+The analytic FLOP model (:func:`prtool.encoder.flops.encoder_cost`) gives each candidate its ideal speedup,
+which tells the search (:mod:`prtool.bench.plan_search`) where to start timing and which groups cannot
+come near the budget.
 
 The first stage of a method that ranks with the predictor sits at the predictor's rank block: a
 predictor is trained against rankings computed at one block and refuses others
@@ -135,22 +136,6 @@ def predicted(loaded, candidates: list[Candidate]) -> tuple[float, dict[str, dic
             continue
         out[c.label] = {"gflops": g, "ideal_speedup": base / g}
     return base, out
-
-
-def prune_space(candidates: list[Candidate], pred: dict[str, dict], target: float, margin: float,
-                per_group: int) -> list[Candidate]:
-    """Keep candidates whose ideal speedup lies in ``[target (1 - margin), target (1 + 3 margin)]``
-    (measured speedups on CPU come within a few % of the FLOP ratio, ToMe's below it), then per
-    method, first block and stage count the ``per_group`` nearest the target, nearest first."""
-    lo, hi = target * (1 - margin), target * (1 + 3 * margin)
-    groups: dict[tuple, list[Candidate]] = {}
-    for c in candidates:
-        if c.label in pred and lo <= pred[c.label]["ideal_speedup"] <= hi:
-            groups.setdefault((c.method, c.schedule.first_block, len(c.schedule.stages)), []).append(c)
-    kept = []
-    for group in groups.values():
-        kept += sorted(group, key=lambda c: abs(pred[c.label]["ideal_speedup"] - target))[:per_group]
-    return sorted(kept, key=lambda c: abs(pred[c.label]["ideal_speedup"] - target))
 
 
 class PlanCache:

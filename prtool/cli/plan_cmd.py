@@ -12,7 +12,7 @@ from prtool.cli import options as o
 from prtool.cli.common import check_inputs, check_output, emit, setup, table
 
 _METHODS = "patch-ranking,patch-ranking-merge,tome,evit"  # plan_space.PLAN_METHODS; quantized variants join there
-_KEEPS = "0.30,0.35,0.40,0.45,0.50,0.55,0.60,0.65,0.70,0.75,0.80,0.85,0.90,0.95"
+_KEEPS = ",".join(f"{k / 1000:.3f}" for k in range(300, 976, 25))  # 0.300, 0.325, ... 0.975
 
 
 def plan(
@@ -33,20 +33,21 @@ def plan(
     methods: Annotated[str, typer.Option(
         "--methods",
         help="Comma-separated: patch-ranking, patch-ranking-merge, tome, evit.")] = _METHODS,
-    stages: Annotated[str, typer.Option("--stages", help="Stage counts to search (comma-separated).")] = "1,2,3",
+    stages: Annotated[str, typer.Option("--stages", help="Stage counts to search (comma-separated).")] = "1,2,3,4",
     keep_ratios: Annotated[str, typer.Option(
         "--keep-ratios",
         help="Fractions of patches kept to search (comma-separated).")] = _KEEPS,
-    margin: Annotated[float, typer.Option(
-        "--margin",
-        help="FLOP pruning: keep ideal speedups in [S(1-m), S(1+3m)].")] = 0.05,
-    per_group: Annotated[int, typer.Option(
-        "--per-group",
-        help="FLOP pruning: candidates kept per method, first block and stage count.")] = 2,
+    safety: Annotated[float, typer.Option(
+        "--safety",
+        help="Margin over the budget a candidate must show in the search (0.03: 3% faster than asked).")] = 0.03,
+    confirm: Annotated[int, typer.Option(
+        "--confirm",
+        help="The most accurate candidates within the budget timed again, together; the pick must meet the "
+             "budget in both runs.")] = 3,
     predictor: o.PredictorPath = None,
     calib_split: Annotated[str, typer.Option(
         "--calib-split",
-        help="Split the candidates' accuracy is measured on (not the report split).")] = "train",
+        help="Split the candidates' accuracy is measured on (not the report split).")] = "val",
     calib_limit: Annotated[int | None, typer.Option(
         "--calib-limit",
         help="Seeded random subset of the calibration split.")] = 1000,
@@ -79,9 +80,9 @@ def plan(
     quiet: o.Quiet = False,
     verbose: o.Verbose = False,
 ):
-    """Search methods x schedules, measure survivors on the backend, export the most accurate one within the budget."""
+    """Search methods x schedules on the backend and a calibration split; export the most accurate in the budget."""
     setup(quiet, verbose)
-    budget = _check_args(budget_ms, speedup, backend, batch, margin, per_group, max_time, calib_split, report_split,
+    budget = _check_args(budget_ms, speedup, backend, batch, safety, confirm, max_time, calib_split, report_split,
                          speed_only, iters)
     check_output(out, "dir")
     check_output(cache or out / "cache.json", "file", "--cache")
@@ -98,7 +99,7 @@ def plan(
     emit(result, as_json, lambda r: _print(r, out))
 
 
-def _check_args(budget_ms, speedup, backend, batch, margin, per_group, max_time, calib_split, report_split,
+def _check_args(budget_ms, speedup, backend, batch, safety, confirm, max_time, calib_split, report_split,
                 speed_only, iters) -> dict:
     """Everything checkable before a model loads, so bad input costs nothing and writes nothing."""
     from prtool.bench.plan_space import BACKENDS
@@ -112,8 +113,8 @@ def _check_args(budget_ms, speedup, backend, batch, margin, per_group, max_time,
         raise PrtoolError(f"--budget-ms {budget_ms} must be positive")
     if backend not in BACKENDS:
         raise PrtoolError(f"--backend {backend!r}: plan measures on {', '.join(BACKENDS)}")
-    if batch < 1 or per_group < 1 or iters < 1 or not 0 <= margin < 1:
-        raise PrtoolError("--batch, --per-group and --iters must be at least 1, --margin in [0, 1)")
+    if batch < 1 or confirm < 1 or iters < 1 or not 0 <= safety < 1:
+        raise PrtoolError("--batch, --confirm and --iters must be at least 1, --safety in [0, 1)")
     if max_time is not None and max_time <= 0:
         raise PrtoolError(f"--max-time {max_time} must be positive (seconds)")
     if report_split is not None and (report_split == calib_split or speed_only):
@@ -126,6 +127,7 @@ def _run(pl, ps, a: dict, budget: dict, methods: list[str], stages: list[int], k
     from prtool.data.datasets import load_dataset
     from prtool.encoder.build import schedule_for
     from prtool.encoder.models import load_clip
+    from prtool.errors import PrtoolError
     from prtool.runtime.envinfo import collect_env
     from prtool.util.files import write_json_atomic
 
@@ -139,10 +141,16 @@ def _run(pl, ps, a: dict, budget: dict, methods: list[str], stages: list[int], k
     setup_ = pl.PlanSetup(loaded, calib, pred, a["backend"], a["batch"], a["warmup"], a["iters"], out / "work",
                           a["cache"])
     space = {"methods": methods, "stages": stages, "keep_ratios": keeps, "rank_block": rank_block,
-             "margin": a["margin"], "per_group": a["per_group"], "predictor": str(pred) if pred else None}
+             "safety": a["safety"], "confirm": a["confirm"], "predictor": str(pred) if pred else None}
+    fresh = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
-    result = pl.run_plan(setup_, ps.search_space(loaded, methods, stages, keeps, rank_block), budget, space,
-                         a["max_time"])
+    try:
+        result = pl.run_plan(setup_, ps.search_space(loaded, methods, stages, keeps, rank_block), budget, space,
+                             a["max_time"])
+    except PrtoolError:
+        if fresh and not any(out.iterdir()):  # refused before measuring anything: leave no empty folder behind
+            out.rmdir()
+        raise
     if calib is not None:
         result["calibration"] = {"dataset": calib.name, "split": calib.split, "images": len(calib),
                                  "seed": a["seed"], "fingerprint": calib.fingerprint()}
@@ -175,14 +183,17 @@ def _write(pl, out: Path, result: dict, write_json_atomic) -> None:
 
 
 def _print(r: dict, out: Path) -> None:
-    rows = [(x["method"], x["schedule"], x["keep"], x["top1"], f"{x['speedup']:.3f}", f"{x['ideal_speedup']:.3f}",
+    from prtool.bench.plan import search_summary
+
+    rows = [(x["method"], x["schedule"], x["keep"], x["top1"], f"{x['speedup']:.3f}",
+             f"{x['confirmed_speedup']:.3f}" if "confirmed_speedup" in x else "-", f"{x['ideal_speedup']:.3f}",
              x["within_budget"], f"{x['method']}@{x['schedule']}" in r["front"]) for x in r["rows"]]
     table(f"plan: budget {r['budget']['speedup']:.3f}x, calibration {r['split']} ({r['images']} images)",
-          ["method", "schedule", "keep", "top-1 %", "speedup", "ideal", "in budget", "front"], rows)
+          ["method", "schedule", "keep", "top-1 %", "speedup", "again", "ideal", "in budget", "front"], rows)
     p = r["pick"]
     what = f"{p['method']} {p['schedule']} ({p['speedup']:.3f}x measured, top-1 {p['top1']})" if p else "none in budget"
-    print(f"pick: {what}; {r['measured']} measured, {r['cached']} cached"
-          + (", STOPPED by --max-time" if r["stopped_early"] else ""))
+    print(f"pick: {what}")
+    print(search_summary(r).replace("**", ""))
     if "report" in r:
         for x in r["report"]["rows"]:
             print(f"report split {r['report']['split']}: {x['role']} {x['method']} {x['schedule']}: "

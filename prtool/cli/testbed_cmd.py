@@ -47,7 +47,7 @@ def data(
     from prtool.testbed.eval_set import build_pack
 
     if build_packs:
-        result = {"packs": [build_pack(s, idx_dir) for s in ("test", "train")]}
+        result = {"packs": [build_pack(s, idx_dir) for s in ("test", "train", "val")]}
         emit(result, as_json,
              lambda r: [print(f"wrote {p['path']} ({p['count']} items, canvases sha256 {p['canvases_sha256'][:16]})")
                         for p in r["packs"]])

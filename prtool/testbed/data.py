@@ -100,10 +100,14 @@ def load_fashion_mnist(split: str, idx_dir: Path = DEFAULT_IDX_DIR) -> tuple[np.
     return images, labels
 
 
-def select_eval_indices(labels: np.ndarray, per_class: int = EVAL_PER_CLASS, seed: int = EVAL_SEED) -> np.ndarray:
-    """Class-balanced, seeded subset of the test split (sorted indices)."""
+def select_eval_indices(labels: np.ndarray, per_class: int = EVAL_PER_CLASS, seed: int = EVAL_SEED,
+                        exclude: np.ndarray | None = None) -> np.ndarray:
+    """Class-balanced, seeded subset of a split (sorted indices), none of them in ``exclude``."""
     rng = np.random.default_rng(seed)
-    chosen = [rng.choice(np.flatnonzero(labels == c), size=per_class, replace=False) for c in range(10)]
+    allowed = np.ones(len(labels), bool)
+    if exclude is not None:
+        allowed[exclude] = False
+    chosen = [rng.choice(np.flatnonzero((labels == c) & allowed), size=per_class, replace=False) for c in range(10)]
     return np.sort(np.concatenate(chosen))
 
 

@@ -1,5 +1,7 @@
-"""The shipped splits: 2,000 Fashion-MNIST test items and 3,000 train items (class-balanced,
-seeded) in compact form.
+"""The shipped splits: 2,000 Fashion-MNIST test items (``test``, the eval split), 3,000 train items
+(``train``) and 3,000 other test items (``val``: held out from the model's training, the predictor's
+rankings and the eval split, for calibration such as ``prtool plan``'s), class-balanced and seeded, in
+compact form.
 
 The repository ships the 28x28 source items (about 1.5 MB raw, compressed), not the canvases; the
 canvases are rendered from them deterministically (``EVAL_SEED``) and checked against the
@@ -18,18 +20,26 @@ from prtool.errors import PrtoolError
 from prtool.testbed import data as tbdata
 from prtool.testbed import spec
 
-# split -> (pack file, Fashion-MNIST split, seed, items per class)
+# split -> (pack file, Fashion-MNIST split, seed, items per class, the pack whose items it leaves out)
 PACKS = {
-    "test": (spec.EVAL_ITEMS_PATH, "test", tbdata.EVAL_SEED, tbdata.EVAL_PER_CLASS),
-    "train": (spec.TRAIN_ITEMS_PATH, "train", tbdata.EVAL_SEED + 1, 300),
+    "test": (spec.EVAL_ITEMS_PATH, "test", tbdata.EVAL_SEED, tbdata.EVAL_PER_CLASS, None),
+    "train": (spec.TRAIN_ITEMS_PATH, "train", tbdata.EVAL_SEED + 1, 300, None),
+    "val": (spec.VAL_ITEMS_PATH, "test", tbdata.EVAL_SEED + 2, 300, "test"),
 }
+
+
+def pack_indices(split: str, labels: np.ndarray) -> np.ndarray:
+    """The Fashion-MNIST indices of a pack's items, chosen from ``labels`` of its source split."""
+    _, _, seed, per_class, excluded = PACKS[split]
+    exclude = pack_indices(excluded, labels) if excluded else None
+    return tbdata.select_eval_indices(labels, per_class=per_class, seed=seed, exclude=exclude)
 
 
 def build_pack(split: str, idx_dir: Path = tbdata.DEFAULT_IDX_DIR, out: Path | None = None) -> dict:
     """Select a split's shipped items from the Debian IDX files and write the pack atomically."""
-    default_out, source, seed, per_class = PACKS[split]
+    default_out, source, seed, _, _ = PACKS[split]
     images, labels = tbdata.load_fashion_mnist(source, idx_dir)
-    indices = tbdata.select_eval_indices(labels, per_class=per_class, seed=seed)
+    indices = pack_indices(split, labels)
     items, item_labels = images[indices], labels[indices]
     shas = {_sha_key(d): tbdata.canvases_sha256(tbdata.render_canvases(items, seed=seed, style=style))
             for d, style in tbdata.DOMAINS.items()}

@@ -9,6 +9,7 @@ CONFIG_PATH = ASSETS / "testbed.json"
 CHECKPOINT_PATH = ASSETS / "testbed.safetensors"
 EVAL_ITEMS_PATH = ASSETS / "eval_items.npz"
 TRAIN_ITEMS_PATH = ASSETS / "train_items.npz"
+VAL_ITEMS_PATH = ASSETS / "val_items.npz"  # held out: Fashion-MNIST test items not in the eval split
 PREDICTOR_PATH = ASSETS / "predictor.safetensors"
 TOKENS_PATH = ASSETS / "tokens.safetensors"  # learnable tokens for the demo schedule (`prtool tune`)
 REFERENCE_PATH = ASSETS / "reference.json"
