@@ -90,6 +90,25 @@ def test_plan_end_to_end_picks_the_most_accurate_edge_within_budget_and_exports_
         assert (tmp_path / "p" / f).stat().st_size > 0
 
 
+def test_report_split_scores_the_pick_beside_the_best_of_each_compared_method_and_the_references(
+        artifacts, tmp_path, fake_latency):  # noqa: F811
+    r = _plan(tmp_path / "p", "--methods", "patch-ranking,tome", "--keep-ratios", "0.5,0.7,0.9",
+              "--predictor", artifacts.predictor, "--report-split", "test", "--compare", "patch-ranking,tome",
+              "--reference", "tome@2:20")
+    rep, pick = r["report"], r["pick"]
+    assert rep["split"] == "test" and rep["images"] == 2000 and r["split"] == "val"
+    assert [x["role"] for x in rep["rows"]] == ["pick", "reference", "reference"]
+    assert (rep["rows"][0]["method"], rep["rows"][0]["schedule"]) == (pick["method"], pick["schedule"])
+    other = "tome" if pick["method"] == "patch-ranking" else "patch-ranking"
+    best = max((x for x in r["rows"] if x["method"] == other and x["within_budget"]), key=lambda x: x["top1"])
+    assert (rep["rows"][1]["method"], rep["rows"][1]["schedule"]) == (other, best["schedule"])
+    assert (rep["rows"][2]["method"], rep["rows"][2]["schedule"]) == ("tome", "2:20")
+    assert rep["rows"][0]["pick_minus_this"] == {"top1_diff": 0.0, "se": 0.0} and rep["none_in_budget"] == []
+    for x in rep["rows"][1:]:  # paired differences on the same 2,000 images
+        assert x["pick_minus_this"]["top1_diff"] == pytest.approx(rep["rows"][0]["top1"] - x["top1"])
+    assert "| reference | tome | 2:20 |" in (tmp_path / "p" / "report.md").read_text()
+
+
 @pytest.mark.parametrize("n", [1, 2, 3, 7, 27])
 def test_find_edge_finds_the_lowest_index_that_meets_from_any_start_in_few_probes(n):
     from prtool.bench.plan_search import find_edge

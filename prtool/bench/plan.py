@@ -248,4 +248,6 @@ def verify_markdown(report: dict) -> str:
         d = r["pick_minus_this"]
         lines.append(f"| {r['role']} | {r['method']} | {r['schedule']} | {r['top1']:.2f} | {r['speedup']:.3f} | "
                      f"{d['top1_diff']:+.2f} ± {d['se']:.2f} |")
+    lines += [f"| best {m} | no {m} candidate met the budget in the search | | | | |"
+              for m in report.get("none_in_budget", [])]
     return "\n".join(lines) + "\n\n" + markdown_table(report)

@@ -163,6 +163,8 @@ def _run(pl, ps, a: dict, budget: dict, methods: list[str], stages: list[int], k
             cands = [ps.Candidate(r["method"], schedule_for(loaded, r["schedule"])) for r in rows]
             cands += pl.reference_candidates(loaded, a["reference"] or [])
             result["report"] = pl.verify(setup_, cands, load_dataset(a["data"], a["report_split"], a["image_root"]))
+            result["report"]["none_in_budget"] = [m for m in others if m != result["pick"]["method"]
+                                                  and not any(r["method"] == m for r in rows)]
     _write(pl, out, result, write_json_atomic)
     if result["pick"] is None:  # a search that ran is a result: the front is reported, the missing pick said
         logging.getLogger("prtool.bench.plan").warning(
@@ -191,11 +193,14 @@ def _print(r: dict, out: Path) -> None:
     table(f"plan: budget {r['budget']['speedup']:.3f}x, calibration {r['split']} ({r['images']} images)",
           ["method", "schedule", "keep", "top-1 %", "speedup", "again", "ideal", "in budget", "front"], rows)
     p = r["pick"]
-    what = f"{p['method']} {p['schedule']} ({p['speedup']:.3f}x measured, top-1 {p['top1']})" if p else "none in budget"
+    top1 = "speed only" if p is None or p["top1"] is None else f"{p['top1']:.2f}%"
+    what = f"{p['method']} {p['schedule']} ({p['speedup']:.3f}x measured, top-1 {top1})" if p else "none in budget"
     print(f"pick: {what}")
     print(search_summary(r).replace("**", ""))
     if "report" in r:
         for x in r["report"]["rows"]:
             print(f"report split {r['report']['split']}: {x['role']} {x['method']} {x['schedule']}: "
                   f"top-1 {x['top1']:.2f}%, {x['speedup']:.3f}x")
+        for m in r["report"]["none_in_budget"]:
+            print(f"report split {r['report']['split']}: no {m} candidate met the budget in the search")
     print((f"export {r['export']['onnx']}; " if "export" in r else "") + f"report in {out}/plan.md")
