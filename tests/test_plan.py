@@ -109,6 +109,27 @@ def test_report_split_scores_the_pick_beside_the_best_of_each_compared_method_an
     assert "| reference | tome | 2:20 |" in (tmp_path / "p" / "report.md").read_text()
 
 
+def test_a_quantized_variant_is_searched_on_its_quantized_export_and_exported_quantized(tmp_path, monkeypatch,
+                                                                                       fake_latency):
+    import prtool.bench.plan_search as ps
+
+    scored = []
+    real = ps.evaluate_zero_shot
+
+    def spy(*a, onnx_path, **k):
+        import onnx
+
+        scored.append(sorted({n.op_type for n in onnx.load(str(onnx_path)).graph.node}))
+        return real(*a, onnx_path=onnx_path, **k)
+
+    monkeypatch.setattr(ps, "evaluate_zero_shot", spy)
+    r = _plan(tmp_path / "p", "--methods", "tome+int8-dynamic", "--keep-ratios", "0.5,0.7")
+    assert r["edges"] == len(scored) >= 1 and all("DynamicQuantizeLinear" in ops for ops in scored)
+    manifest = json.loads((tmp_path / "p" / "pick" / "model.json").read_text())
+    assert r["pick"]["method"] == "tome+int8-dynamic" and manifest["quantization"]["mode"] == "int8-dynamic"
+    assert manifest["plan"]["calibration_top1"] == r["pick"]["top1"] and manifest["validation"]["passed"]
+
+
 @pytest.mark.parametrize("n", [1, 2, 3, 7, 27])
 def test_find_edge_finds_the_lowest_index_that_meets_from_any_start_in_few_probes(n):
     from prtool.bench.plan_search import find_edge

@@ -28,6 +28,7 @@ from prtool.encoder.build import schedule_for, tower_geometry
 from prtool.encoder.schedule import default_first_block
 from prtool.errors import PrtoolError
 from prtool.export.onnx_export import ExportOptions, export_onnx
+from prtool.export.quantize import QuantizeOptions, export_quantized
 from prtool.util.stats import paired_difference
 
 log = logging.getLogger(__name__)
@@ -153,8 +154,12 @@ def export_pick(s: PlanSetup, result: dict, out: Path) -> dict:
                       "measured": {k: row[k] for k in ("p50_ms", "base_p50_ms", "speedup")},
                       "calibration": result.get("calibration"), "calibration_top1": row["top1"],
                       "search_space": result["search_space"]}}
-    opts = ExportOptions(**PLAN_METHODS[cand.method].export)
-    res = export_onnx(s.loaded, cand.spec(s.predictor), out, opts, extra_manifest=extra)
+    mode = PLAN_METHODS[cand.method].quantize
+    if mode is None:
+        res = export_onnx(s.loaded, cand.spec(s.predictor), out, ExportOptions(), extra_manifest=extra)
+    else:
+        res = export_quantized(s.loaded, cand.spec(s.predictor), out, ExportOptions(), QuantizeOptions(mode),
+                               extra_manifest=extra)
     return {"onnx": str(res.onnx_path), "manifest": str(res.manifest_path)}
 
 

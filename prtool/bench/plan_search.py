@@ -32,6 +32,7 @@ from prtool.data.zeroshot import text_classifier
 from prtool.encoder.build import EncoderSpec, schedule_for
 from prtool.errors import PrtoolError
 from prtool.export.onnx_export import ExportOptions, export_onnx
+from prtool.export.quantize import QuantizeOptions, quantize_onnx
 from prtool.util.files import sha256_file
 from prtool.util.progress import progress_bar
 
@@ -68,10 +69,19 @@ class PlanSetup:
 
 
 def export_candidate(s: PlanSetup, cand: Candidate | None, name: str) -> Path:
-    """An unvalidated export of ``cand`` (None: the unpruned encoder) in the work folder."""
+    """An unvalidated export of ``cand`` (None: the unpruned FP32 encoder) in the work folder, quantized when its
+    method is a quantized variant."""
     spec = cand.spec(s.predictor) if cand else EncoderSpec(schedule_for(s.loaded, "none"))
-    opts = ExportOptions(validate=False, **(PLAN_METHODS[cand.method].export if cand else {}))
-    return export_onnx(s.loaded, spec, s.workdir / f"{name}.onnx", opts).onnx_path
+    fp32 = export_onnx(s.loaded, spec, s.workdir / f"{name}.onnx", ExportOptions(validate=False)).onnx_path
+    mode = PLAN_METHODS[cand.method].quantize if cand else None
+    if mode is None:
+        return fp32
+    out = s.workdir / f"{name}-{mode}.onnx"
+    try:
+        quantize_onnx(fp32, out, QuantizeOptions(mode))
+    finally:
+        remove_export(fp32)
+    return out
 
 
 def remove_export(path: Path) -> None:

@@ -16,7 +16,7 @@ ranges over several blocks.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from prtool.encoder.build import EncoderSpec, build_pruned_encoder, schedule_for, tower_geometry
@@ -24,19 +24,19 @@ from prtool.encoder.flops import encoder_cost
 from prtool.encoder.methods import get_method
 from prtool.encoder.schedule import Schedule, derive_schedule
 from prtool.errors import PrtoolError
+from prtool.export.quantize import split_variant
 from prtool.util.files import write_json_atomic
 
 
 @dataclass(frozen=True)
 class PlanMethod:
-    """One searchable method. ``export`` holds the :class:`prtool.export.onnx_export.ExportOptions` fields its export
-    changes: the extension point for variants whose graph differs after export (a quantized
-    ``patch-ranking`` would be ``PlanMethod("patch-ranking-int8", "predictor", True, {...})``)."""
+    """One searchable method: a method of ``prtool.encoder.methods``, its FP32 export or, with ``quantize``, that
+    export quantized as ``prtool export --quantize`` does (``int8-dynamic``: no calibration data needed)."""
 
     name: str
     scorer: str
     uses_predictor: bool
-    export: dict = field(default_factory=dict)
+    quantize: str | None = None
     max_stage_share: float = 1.0  # ToMe merges at most (n + 1) // 2 of the n patch tokens entering a stage
 
     def fits(self, schedule: Schedule) -> bool:
@@ -49,10 +49,10 @@ class PlanMethod:
 
 
 def _searched(name: str, **kw) -> PlanMethod:
-    """A method of ``prtool.encoder.methods`` that plan searches: its recorded name, whether it needs the
-    predictor."""
-    method = get_method(name, "pareto")
-    return PlanMethod(name, method.spec_name, method.needs == "predictor", **kw)
+    """``NAME`` or ``NAME+MODE`` of a method plan searches: its scorer, whether it needs the predictor, its mode."""
+    base, mode = split_variant(name)
+    method = get_method(base, "pareto")
+    return PlanMethod(name, method.spec_name, method.needs == "predictor", mode, **kw)
 
 
 PLAN_METHODS = {m.name: m for m in (
@@ -60,6 +60,10 @@ PLAN_METHODS = {m.name: m for m in (
     _searched("patch-ranking-merge"),
     _searched("tome", max_stage_share=0.5),
     _searched("evit"),
+    _searched("patch-ranking+int8-dynamic"),
+    _searched("patch-ranking-merge+int8-dynamic"),
+    _searched("tome+int8-dynamic", max_stage_share=0.5),
+    _searched("evit+int8-dynamic"),
 )}
 BACKENDS = {"onnxruntime-cpu": "onnxruntime CPU"}
 

@@ -11,7 +11,9 @@ import typer
 from prtool.cli import options as o
 from prtool.cli.common import check_inputs, check_output, emit, setup, table
 
-_METHODS = "patch-ranking,patch-ranking-merge,tome,evit"  # plan_space.PLAN_METHODS; quantized variants join there
+# plan_space.PLAN_METHODS has every method and its int8-dynamic variant; by default the FP32 four and the int8 variants
+# of the two strongest (each method searched costs its share of the search time)
+_METHODS = "patch-ranking,patch-ranking-merge,tome,evit,patch-ranking-merge+int8-dynamic,tome+int8-dynamic"
 _KEEPS = ",".join(f"{k / 1000:.3f}" for k in range(300, 976, 25))  # 0.300, 0.325, ... 0.975
 
 
@@ -32,7 +34,8 @@ def plan(
     batch: Annotated[int, typer.Option("--batch", help="Batch size of the latency runs.")] = 32,
     methods: Annotated[str, typer.Option(
         "--methods",
-        help="Comma-separated: patch-ranking, patch-ranking-merge, tome, evit.")] = _METHODS,
+        help="Comma-separated: patch-ranking, patch-ranking-merge, tome, evit, each also as NAME+int8-dynamic "
+             "(the export quantized).")] = _METHODS,
     stages: Annotated[str, typer.Option("--stages", help="Stage counts to search (comma-separated).")] = "1,2,3,4",
     keep_ratios: Annotated[str, typer.Option(
         "--keep-ratios",
