@@ -93,6 +93,10 @@ def test_block_keys_are_the_keys_the_block_attends_with(tiny):
         q = (h @ w_q.T + b_q).view(2, 5, heads, hd).transpose(1, 2)
         k = keys.view(2, 5, heads, hd).transpose(1, 2)
     assert torch.allclose(probs, torch.softmax(q @ k.transpose(-1, -2) / hd ** 0.5, dim=-1), atol=1e-6)
+    # a block whose attention has no bias at all (in_proj_bias None): the keys are the bare projection
+    attn.in_proj_bias = None
+    with torch.no_grad():
+        assert torch.allclose(block_keys(x, blk), h @ w_k.T, atol=1e-6)
 
 
 def test_bipartite_merge_may_merge_every_a_token_and_no_more():
