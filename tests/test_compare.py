@@ -87,6 +87,58 @@ def test_each_fault_fails_its_own_rows(fault, rows, fix):
     assert first["fix"] == FIXES[fix]
 
 
+class Alone(Model):
+    """``Model`` whose outputs change only in a way the batch independence row can see: ``how`` is
+    ``alone-<j>`` (sample j's embedding shifted by 0.5 when it runs alone), ``kept-alone`` (sample 0 alone
+    keeps another set), ``kept-order-alone`` (every sample alone keeps its set in reverse order) or
+    ``first`` (the embeddings depend on which sample comes first in a batch: only the reversed batch shows it)."""
+
+    def __init__(self, how: str):
+        super().__init__()
+        self.how = how
+
+    def infer(self, feeds):
+        out = super().infer(feeds)
+        x = np.asarray(feeds[PIXELS])
+        alone = len(x) == 1
+        if self.how.startswith("alone-") and alone and np.array_equal(x[0], PIXELS_[int(self.how[6:])]):
+            out[EMBEDS] = out[EMBEDS] + np.float32(0.5)
+        if self.how == "kept-alone" and alone and np.array_equal(x[0], PIXELS_[0]):
+            out[KEPT_INDICES] = np.argsort(-self.scores(x), axis=1, kind="stable")[:, 1 : K + 1].astype(np.int64)
+        if self.how == "kept-order-alone" and alone:
+            out[KEPT_INDICES] = out[KEPT_INDICES][:, ::-1].copy()
+        if self.how == "first" and not alone:
+            out[EMBEDS] = out[EMBEDS] + np.abs(x[0] - PIXELS_[0]).sum()
+        return out
+
+
+def _independence(how: str, tol: Tolerances = Tolerances()) -> tuple[bool, float]:
+    report = compare(Alone(how), Model(), PIXELS_, tol, batch_one=False)
+    assert failed(report) <= {"per-sample batch independence"}  # every other row still passes
+    return "per-sample batch independence" not in failed(report), report.metrics["batch_independence_max_abs"]
+
+
+@pytest.mark.parametrize("j", [0, B - 1])
+def test_independence_runs_every_sample_alone_and_a_change_at_atol_passes(j):
+    ok, worst = _independence(f"alone-{j}")
+    assert not ok and worst == pytest.approx(0.5, abs=1e-6)
+    assert _independence(f"alone-{j}", Tolerances(atol=worst)) == (True, worst)  # the bound holds with equality
+
+
+def test_independence_compares_kept_sets_and_the_reversed_batch():
+    assert _independence("kept-alone") == (False, float("inf"))
+    assert _independence("kept-order-alone") == (True, 0.0)  # the same set in another order is the same patches
+    ok, worst = _independence("first")
+    assert not ok and worst > 1.0
+
+
+def test_a_wrong_shape_is_recorded_with_both_shapes():
+    report = compare(Model("shape"), Model(), PIXELS_, batch_one=False, independence=False)
+    assert report.metrics[f"{EMBEDS} @ batch {B}"] == {"shape": [B, E - 1], "reference_shape": [B, E]}
+    assert [(c["check"], c["passed"], c["fix"]) for c in report.checks if c["check"].startswith(EMBEDS)] == [
+        (f"{EMBEDS} vs PyTorch, batch {B}", False, FIXES["graph"])]
+
+
 def test_kept_sets_may_differ_only_at_exact_ties():
     tied = PIXELS_.copy()
     scores = Model().scores(tied)

@@ -144,13 +144,12 @@ def _previous_entries(out: Path) -> dict[str, dict]:
     path = out / "index.json"
     if not path.exists():
         return {}
-    try:
-        shards = json.loads(path.read_text())["shards"]
+    try:  # a damaged index (not JSON, no shard list, an entry that is no file name) verifies nothing
+        entries = [s if isinstance(s, dict) else {"file": s} for s in json.loads(path.read_text())["shards"]]
+        return {e["file"]: e for e in entries if "file" in e}
     except (ValueError, KeyError, TypeError):
         log.warning("%s is unreadable: every shard is checked against its own checksum instead", path)
         return {}
-    entries = [s if isinstance(s, dict) else {"file": s} for s in shards]
-    return {e["file"]: e for e in entries if isinstance(e, dict) and "file" in e}
 
 
 def _entry(shard) -> dict:
