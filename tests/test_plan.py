@@ -107,6 +107,8 @@ def test_report_split_scores_the_pick_beside_the_best_of_each_compared_method_an
     for x in rep["rows"][1:]:  # paired differences on the same 2,000 images
         assert x["pick_minus_this"]["top1_diff"] == pytest.approx(rep["rows"][0]["top1"] - x["top1"])
     assert "| reference | tome | 2:20 |" in (tmp_path / "p" / "report.md").read_text()
+    assert sorted(f.name for f in (tmp_path / "p").iterdir()) == ["cache.json", "pick", "plan.json", "plan.md",
+                                                                   "plan.png", "report.md"]  # no work folder left
 
 
 def test_a_quantized_variant_is_searched_on_its_quantized_export_and_exported_quantized(tmp_path, monkeypatch,

@@ -168,6 +168,8 @@ def _run(pl, ps, a: dict, budget: dict, methods: list[str], stages: list[int], k
             result["report"] = pl.verify(setup_, cands, load_dataset(a["data"], a["report_split"], a["image_root"]))
             result["report"]["none_in_budget"] = [m for m in others if m != result["pick"]["method"]
                                                   and not any(r["method"] == m for r in rows)]
+    if setup_.workdir.exists() and not any(setup_.workdir.iterdir()):  # the candidates' exports are gone
+        setup_.workdir.rmdir()
     _write(pl, out, result, write_json_atomic)
     if result["pick"] is None:  # a search that ran is a result: the front is reported, the missing pick said
         logging.getLogger("prtool.bench.plan").warning(
