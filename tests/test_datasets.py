@@ -55,8 +55,12 @@ def test_testbed_dataset_and_few_shot():
     assert len(fs) == 160 and np.bincount(fs.labels).tolist() == [16] * 10
     assert [fs.sample_id(i) for i in range(160)] == [few_shot(ds, 16, seed=3).sample_id(i) for i in range(160)]
     assert few_shot(ds, 16, seed=4).samples != fs.samples
+    val = load_dataset("testbed", "val")  # held out for calibration (prtool plan): other items than test's
+    assert len(val) == 3000 and val.fingerprint() != load_dataset("testbed", "test").fingerprint()
+    from prtool.testbed.eval_set import load_split_canvases
+
     with pytest.raises(PrtoolError, match="ships the splits"):
-        load_dataset("testbed", "val")
+        load_split_canvases("dev")
 
 
 def test_corrupt_image_is_named_or_skipped(tmp_path):
