@@ -64,11 +64,31 @@ def failed(report: ValidationReport) -> set[str]:
 def test_a_faithful_runner_passes_every_row():
     report = compare(Model(), Model(), PIXELS_)
     assert report.passed and failed(report) == set()
-    assert {c["check"] for c in report.checks} == {
-        f"{EMBEDS} vs PyTorch, batch 1", f"{EMBEDS} vs PyTorch, batch {B}", f"{KEPT_INDICES} vs PyTorch, batch 1",
-        f"{KEPT_INDICES} vs PyTorch, batch {B}", f"{KEPT_INDICES} top-k by score, batch 1",
-        f"{KEPT_INDICES} top-k by score, batch {B}", "per-sample batch independence"}
+    assert [c["check"] for c in report.checks] == [  # batch 1 first, outputs in the reference's order
+        f"{EMBEDS} vs PyTorch, batch 1", f"{KEPT_INDICES} vs PyTorch, batch 1",
+        f"{KEPT_INDICES} top-k by score, batch 1", f"{EMBEDS} vs PyTorch, batch {B}",
+        f"{KEPT_INDICES} vs PyTorch, batch {B}", f"{KEPT_INDICES} top-k by score, batch {B}",
+        "per-sample batch independence"]
     assert report.metrics["batch_independence_max_abs"] == 0.0
+
+
+class Fed(Model):
+    """``Model`` that records the dtype and memory layout of every batch it is fed."""
+
+    def __init__(self):
+        super().__init__()
+        self.fed = set()
+
+    def infer(self, feeds):
+        self.fed.add((feeds[PIXELS].dtype, feeds[PIXELS].flags.c_contiguous))
+        return super().infer(feeds)
+
+
+def test_runners_are_fed_float32_c_contiguous_pixels_whatever_the_images_are():
+    images = np.asfortranarray(PIXELS_.astype(np.float64))  # float64, not C-contiguous
+    runner, reference = Fed(), Fed()
+    assert compare(runner, reference, images).passed
+    assert runner.fed == reference.fed == {(np.dtype(np.float32), True)}
 
 
 @pytest.mark.parametrize("fault, rows, fix", [

@@ -53,6 +53,12 @@ def test_a_cosine_equal_to_the_bound_passes():
     assert compare_embeddings(unit, unit, Tolerances(min_cosine=1.0))["within_tolerance"] is True
 
 
+def test_the_cosine_does_not_depend_on_the_embeddings_scale():
+    small = compare_embeddings(GOT * 1e-3, REF * 1e-3, Tolerances(atol=1.0, rtol=0.0, min_cosine=COS0 - 1e-6))
+    assert small["min_cosine"] == pytest.approx(COS0, abs=1e-6) and small["within_tolerance"] is True
+    assert small["mean_cosine"] == pytest.approx((COS0 + 1) / 2, abs=1e-6)  # row 1 (norm 1e-3) with itself: 1
+
+
 def test_a_zero_embedding_has_cosine_zero_not_nan():
     zero = np.zeros((1, 3), dtype=np.float32)
     m = compare_embeddings(zero, zero, Tolerances())
